@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,15 +215,44 @@ def synthetic_images(n: int, rng: np.random.Generator, prototypes: np.ndarray) -
     noise = noise.repeat(4, axis=2).repeat(4, axis=3)  # blocky, image-like noise
     fine = rng.normal(0.0, 0.35, size=(n, 3, IMAGE, IMAGE))
     brightness = rng.normal(0.0, 0.3, size=(n, 1, 1, 1))
-    x = prototypes[labels] + 0.9 * noise + fine + brightness
+    x = 0.12 * prototypes[labels] + 0.9 * noise + fine + brightness
     img = np.clip(128 + 40 * x, 0, 255).astype(np.uint8)
     return img.reshape(n, -1), labels
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Pickles like the official files (written by Python 2): bytes as py2 `str`, numpy under numpy.core.
+
+    Python 2 strings load as bytes with encoding='bytes' and as str with encoding='latin1', so any CIFAR-10
+    reader (this one, torchvision's) reads a synthetic file exactly as it reads the official one.
+    """
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj: bytes):
+        n = len(obj)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", "") or ""
+        if module.startswith("numpy._core"):
+            module = "numpy.core" + module[len("numpy._core") :]
+            self.write(pickle.GLOBAL + module.encode() + b"\n" + (name or obj.__name__).encode() + b"\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
 
 
 def _write_pickle(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
+        _Py2Pickler(f, protocol=2).dump(obj)
     os.replace(tmp, path)
 
 

@@ -1,0 +1,137 @@
+"""One run, as a frozen JSON-serializable value; its id is a hash of its canonical JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from rethink.corruptions import PIXEL_MODES, parse_labels
+from rethink.errors import UserError
+from rethink.models import DEFAULT_LR, MODELS
+
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines a run's result. Device, precision and compile are how, not what: not here."""
+
+    model: str
+    labels: str = "true"  # true | random | partial:P
+    pixels: str = "none"  # none | shuffled | random | gaussian
+    weight_decay: float = 0.0
+    random_crop: bool = False
+    dropout: float = 0.0
+    lr: float | None = None  # None: the paper's per-model rate (0.1 Inception, 0.01 otherwise)
+    momentum: float = 0.9
+    lr_decay: float = 0.95  # multiplied into the learning rate after every epoch
+    batch_size: int = 128
+    epochs: int = 100  # the cap
+    target_train_acc: float | None = None  # stop at the first epoch end with train accuracy >= this
+    loss_thresholds: tuple[float, ...] = (0.1,)  # record the first step with epoch train loss below each
+    seed: int = 0  # initialization, data order, crops, dropout
+    data_seed: int | None = None  # label and pixel corruption; None: same as seed
+    dataset: str = "cifar10"  # "cifar10", or a synthetic set's identity (see data.dataset_identity)
+    train_subset: int | None = None  # use only the first n training images (smoke runs)
+    test_subset: int | None = None
+    track_norms: bool = False  # record weight/gradient norms and the effective learning rate per epoch
+    version: int = SPEC_VERSION
+    tags: tuple[str, ...] = field(default=(), compare=False)  # free-form labels for reports; not in the id
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
+        parse_labels(self.labels)
+        if self.pixels not in PIXEL_MODES:
+            raise UserError(f"bad pixel mode {self.pixels!r}: use one of {', '.join(PIXEL_MODES)}")
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.model])
+        if self.data_seed is None:
+            object.__setattr__(self, "data_seed", self.seed)
+        object.__setattr__(self, "loss_thresholds", tuple(float(t) for t in self.loss_thresholds))
+        object.__setattr__(self, "tags", tuple(self.tags))
+        checks = [
+            (self.epochs >= 1, "epochs must be at least 1"),
+            (self.batch_size >= 1, "batch size must be at least 1"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.weight_decay >= 0.0, "weight decay must be >= 0"),
+            (self.lr > 0.0, "learning rate must be > 0"),
+            (self.target_train_acc is None or 0.0 < self.target_train_acc <= 1.0, "target accuracy must be in (0, 1]"),
+            (self.train_subset is None or self.train_subset >= 1, "train subset must be >= 1"),
+            (self.test_subset is None or self.test_subset >= 1, "test subset must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"bad run spec: {message}")
+
+    @property
+    def synthetic(self) -> bool:
+        return self.dataset.startswith("synthetic")
+
+    @property
+    def label_noise(self) -> float:
+        return parse_labels(self.labels)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["loss_thresholds"] = list(self.loss_thresholds)
+        d["tags"] = list(self.tags)
+        return d
+
+    def canonical_json(self) -> str:
+        d = self.to_dict()
+        d.pop("tags")
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def run_id(self) -> str:
+        """A short hash of the canonical JSON: the same spec has the same id in every process."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
+
+    def replace(self, **changes) -> RunSpec:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"bad run spec: unknown field(s) {', '.join(sorted(unknown))}")
+        if "model" not in d:
+            raise UserError("bad run spec: 'model' is required")
+        d = dict(d)
+        for key in ("loss_thresholds", "tags"):
+            if key in d:
+                d[key] = tuple(d[key])
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise UserError(f"bad run spec: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"bad run spec: not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise UserError("bad run spec: expected a JSON object")
+        return cls.from_dict(d)
+
+    def label(self) -> str:
+        """A short human description, e.g. 'mlp-1x512 labels=partial:0.4 wd=5e-4 crop'."""
+        parts = [self.model]
+        if self.labels != "true":
+            parts.append(f"labels={self.labels}")
+        if self.pixels != "none":
+            parts.append(f"pixels={self.pixels}")
+        if self.weight_decay:
+            parts.append(f"wd={self.weight_decay:g}")
+        if self.random_crop:
+            parts.append("crop")
+        if self.dropout:
+            parts.append(f"dropout={self.dropout:g}")
+        parts.append(f"seed={self.seed}")
+        return " ".join(parts)

@@ -1,0 +1,469 @@
+"""One run from spec to result: SGD with momentum and a decaying learning rate, resumable at any step.
+
+The data set lives on the device; a step indexes it, so there is no host synchronisation inside an epoch (one
+`.tolist()` per epoch collects the epoch's numbers). Randomness is derived from (seed, epoch): an epoch's data
+order and crops can be recomputed on resume; the global RNG (dropout) is saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rethink
+from rethink.corruptions import apply_pixels, corrupt_labels
+from rethink.data import Cifar10, preprocess, preprocess_all, random_offsets
+from rethink.errors import UserError
+from rethink.models import build_model
+from rethink.spec import RunSpec
+from rethink.store import Store, run_key
+
+CHECKPOINT_FORMAT = "rethink-checkpoint-1"
+TIMING_FIELDS = ("epoch_seconds", "train_seconds", "eval_seconds", "images_per_second")
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was written (when it fitted) and the process should exit 143."""
+
+    exit_code = 143
+
+
+@dataclass
+class ExecOptions:
+    """How to execute a run (not what: that is the spec). None means the device's default."""
+
+    device: str = "auto"
+    amp: bool | None = None  # bf16 autocast; default on for CUDA
+    channels_last: bool | None = None  # default on for CUDA
+    compile: bool = False
+    checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch when an epoch runs longer than this
+    progress: bool | None = None  # a progress bar; default when stderr is a terminal
+    eval_batch: int | None = None
+    log: object = field(default=print)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"bad device {name!r}: use cpu, cuda, cuda:N or auto")
+    return torch.device(name)
+
+
+def environment(device: torch.device, opts: ExecOptions | None = None) -> dict:
+    env = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "rethink": rethink.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if opts is not None:
+        env.update(amp=_amp(opts, device), channels_last=_channels_last(opts, device), compile=opts.compile)
+    return env
+
+
+def _amp(opts: ExecOptions, device: torch.device) -> bool:
+    return opts.amp if opts.amp is not None else device.type == "cuda"
+
+
+def _channels_last(opts: ExecOptions, device: torch.device) -> bool:
+    return opts.channels_last if opts.channels_last is not None else device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DeviceData:
+    """A run's (corrupted) data set, resident on the training device."""
+
+    train_pre: torch.Tensor  # central crop, standardized: [N, 3, 28, 28] float32
+    train_raw: torch.Tensor | None  # raw 32x32 images for random crops (uint8, or float32 for gaussian)
+    train_y: torch.Tensor
+    test_pre: torch.Tensor
+    test_y: torch.Tensor
+
+    @property
+    def n_train(self) -> int:
+        return self.train_y.shape[0]
+
+
+def prepare_data(spec: RunSpec, data: Cifar10, device: torch.device) -> DeviceData:
+    """Subset, corrupt (pure functions of the spec's data seed), move to the device and preprocess there."""
+    if data.identity != spec.dataset:
+        raise UserError(
+            f"the spec wants data set {spec.dataset!r} but {data.path} holds {data.identity!r}; "
+            "point --data-dir at the right data (or pass --synthetic for synthetic specs)"
+        )
+    train_x, train_y = data.train_x[: spec.train_subset], data.train_y[: spec.train_subset]
+    test_x, test_y = data.test_x[: spec.test_subset], data.test_y[: spec.test_subset]
+    train_y = corrupt_labels(train_y, spec.label_noise, spec.data_seed)
+    train_x, test_x = apply_pixels(spec.pixels, train_x, test_x, spec.data_seed)
+    train_raw = torch.from_numpy(np.ascontiguousarray(train_x)).to(device)
+    return DeviceData(
+        train_pre=preprocess_all(train_raw),
+        train_raw=train_raw if spec.random_crop else None,
+        train_y=torch.from_numpy(train_y).to(device),
+        test_pre=preprocess_all(torch.from_numpy(np.ascontiguousarray(test_x)).to(device)),
+        test_y=torch.from_numpy(np.asarray(test_y, dtype=np.int64)).to(device),
+    )
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s data order and crops: recomputable on resume, distinct across epochs."""
+    return (seed * 1_000_003 + epoch * 7_919 + 12_345) % (2**63)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, amp: bool, channels_last: bool):
+    """(summed loss, correct count) as device tensors: no host sync here."""
+    model.eval()
+    loss = torch.zeros((), device=x.device, dtype=torch.float64)
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    for i in range(0, x.shape[0], batch):
+        xb = x[i : i + batch]
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(xb)
+        loss += F.cross_entropy(out.float(), y[i : i + batch], reduction="sum").double()
+        correct += (out.argmax(dim=1) == y[i : i + batch]).sum()
+    return loss, correct
+
+
+def scale_invariant_weights(model: nn.Module) -> list[nn.Parameter]:
+    """Conv weights followed by BatchNorm: the network's output does not change when they are rescaled."""
+    weights = []
+    for module in model.modules():
+        children = list(module.children())
+        for a, b in zip(children, children[1:]):
+            if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                weights.append(a.weight)
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _load_checkpoint(store: Store, spec: RunSpec, device: torch.device, log) -> dict | None:
+    """The newest loadable checkpoint of this run, falling back to the previous one, else None."""
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        blob = store.read_bytes(run_key(spec.run_id, name))
+        if blob is None:
+            continue
+        try:
+            ckpt = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
+            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError("not a rethink checkpoint")
+            if ckpt.get("run_id") != spec.run_id:
+                raise ValueError(f"it belongs to run {ckpt.get('run_id')}")
+            return ckpt
+        except Exception as e:
+            log(f"warning: ignoring unusable {store.where(run_key(spec.run_id, name))}: {type(e).__name__}: {e}")
+    return None
+
+
+def _save_checkpoint(store: Store, run_id: str, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    key = run_key(run_id, "checkpoint.pt")
+    if store.exists(key):
+        store.copy(key, run_key(run_id, "checkpoint.prev.pt"))
+    store.write_bytes(key, buf.getvalue())
+
+
+def _write_metrics(store: Store, run_id: str, metrics: list[dict]) -> None:
+    store.write_text(run_key(run_id, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def read_result(store: Store, run_id: str) -> dict | None:
+    text = store.read_text(run_key(run_id, "result.json"))
+    return None if text is None else json.loads(text)
+
+
+def read_metrics(store: Store, run_id: str) -> list[dict]:
+    text = store.read_text(run_key(run_id, "metrics.jsonl")) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks at each step boundary (main thread only)."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def summarize(spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data_description: str) -> dict:
+    """The result record: final and best accuracies, time to the target and to each loss threshold."""
+    last = metrics[-1]
+    best = max(metrics, key=lambda m: m["test_acc"])
+    target_step = target_epoch = None
+    if spec.target_train_acc is not None:
+        hit = next((m for m in metrics if m["train_acc"] >= spec.target_train_acc), None)
+        if hit:
+            target_step, target_epoch = hit["step"], hit["epoch"]
+    thresholds = {}
+    for t in spec.loss_thresholds:
+        hit = next((m for m in metrics if m["train_loss"] < t), None)
+        thresholds[f"{t:g}"] = hit["step"] if hit else None
+    return {
+        "run_id": spec.run_id,
+        "spec": spec.to_dict(),
+        "status": "finished",
+        "stopped": stopped,  # "target", "cap" or "diverged"
+        "epochs": last["epoch"],
+        "steps": last["step"],
+        "final_train_acc": last["train_acc"],
+        "final_train_loss": last["train_loss"],
+        "final_test_acc": last["test_acc"],
+        "best_test_acc": best["test_acc"],
+        "best_test_epoch": best["epoch"],
+        "target_train_acc": spec.target_train_acc,
+        "target_step": target_step,
+        "target_epoch": target_epoch,
+        "loss_threshold_steps": thresholds,
+        "train_seconds": sum(m["train_seconds"] for m in metrics),
+        "total_seconds": sum(m["epoch_seconds"] for m in metrics),
+        "synthetic": spec.synthetic,
+        "data": data_description,
+        "environment": env,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def train_run(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions | None = None) -> dict:
+    """Train `spec` to its end in `store`, resuming from its checkpoint; returns the result record."""
+    opts = opts or ExecOptions()
+    log = opts.log
+    run_id = spec.run_id
+    done = read_result(store, run_id)
+    if done is not None:
+        log(f"run {run_id} ({spec.label()}) is already finished: {store.where(run_key(run_id, 'result.json'))}")
+        return done
+    device = resolve_device(opts.device)
+    amp, channels_last = _amp(opts, device), _channels_last(opts, device)
+    env = environment(device, opts)
+
+    spec_key = run_key(run_id, "spec.json")
+    if not store.exists(spec_key):
+        store.write_text(spec_key, json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    dd = prepare_data(spec, data, device)
+    is_conv = not spec.model.startswith("mlp")
+    use_cl = channels_last and is_conv
+
+    def fresh():
+        torch.manual_seed(spec.seed)
+        model = build_model(spec.model, dropout=spec.dropout).to(device)
+        if use_cl:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=spec.lr,
+            momentum=spec.momentum,
+            weight_decay=spec.weight_decay,
+            **({"fused": True} if device.type == "cuda" else {"foreach": True}),
+        )
+        return model, optimizer
+
+    model, optimizer = fresh()
+    metrics: list[dict] = []
+    epoch, batch_start, step = 0, 0, 0
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    grad_sq_sum = torch.zeros((), device=device, dtype=torch.float64)
+    elapsed_in_epoch = 0.0
+    rng_state = None
+    ckpt = _load_checkpoint(store, spec, device, log)
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except Exception as e:  # wrong architecture or a damaged but unpicklable-looking file: start over
+            log(f"warning: checkpoint of {run_id} does not fit the model ({type(e).__name__}); starting over")
+            model, optimizer = fresh()
+            ckpt = None
+    if ckpt is not None:
+        epoch, batch_start, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
+        metrics = json.loads(ckpt["metrics"])
+        loss_sum = ckpt["loss_sum"].to(device)
+        grad_sq_sum = ckpt["grad_sq_sum"].to(device)
+        elapsed_in_epoch = ckpt["elapsed_in_epoch"]
+        rng_state = ckpt["rng"]
+        log(f"run {run_id}: resuming at epoch {epoch + 1}, batch {batch_start} (step {step})")
+    _write_metrics(store, run_id, metrics)  # drop any line written after the checkpoint we resume from
+    tracked = scale_invariant_weights(model) if spec.track_norms else []
+    compiled = torch.compile(model) if opts.compile else model
+
+    n = dd.n_train
+    bs = spec.batch_size
+    n_batches = math.ceil(n / bs)
+    eval_batch = opts.eval_batch or (4096 if device.type == "cuda" else 1000)
+    stopped = "cap"
+    progress = opts.progress if opts.progress is not None else sys.stderr.isatty()
+    log(f"run {run_id} ({spec.label()}): {n} train / {dd.test_y.shape[0]} test images on {device}; "
+        f"results in {store.where(f'runs/{run_id}')}")  # fmt: skip
+
+    def state(batch: int, t_epoch: float) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "run_id": run_id,
+            "spec": spec.canonical_json(),
+            "epoch": epoch,
+            "batch": batch,
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            },
+            "loss_sum": loss_sum,
+            "grad_sq_sum": grad_sq_sum,
+            "elapsed_in_epoch": t_epoch,
+            "metrics": json.dumps(metrics),
+        }
+
+    with _SigtermFlag() as sigterm:
+        while epoch < spec.epochs:
+            lr = spec.lr * spec.lr_decay**epoch
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            g = torch.Generator(device=device)
+            g.manual_seed(epoch_seed(spec.seed, epoch))
+            perm = torch.randperm(n, generator=g, device=device)
+            offsets = random_offsets(n, g, device) if spec.random_crop else None
+            if batch_start > 0 and rng_state is not None:  # mid-epoch resume: continue the dropout stream
+                torch.set_rng_state(rng_state["torch"].cpu())
+                if "cuda" in rng_state:
+                    torch.cuda.set_rng_state(rng_state["cuda"].cpu(), device)
+            else:
+                torch.manual_seed(epoch_seed(spec.seed, epoch) + 1)
+            rng_state = None
+            t0 = time.perf_counter()
+            last_ckpt = t0
+            compiled.train()
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=n_batches, initial=batch_start, desc=f"epoch {epoch + 1}/{spec.epochs}",
+                           leave=False, file=sys.stderr)  # fmt: skip
+            for b in range(batch_start, n_batches):
+                idx = perm[b * bs : (b + 1) * bs]
+                if offsets is not None:
+                    x = preprocess(dd.train_raw[idx], offsets[idx])
+                else:
+                    x = dd.train_pre[idx]
+                if use_cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = compiled(x)
+                loss = F.cross_entropy(out.float(), dd.train_y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tracked:
+                    grad_sq_sum += sum(w.grad.double().pow(2).sum() for w in tracked)
+                optimizer.step()
+                loss_sum += loss.detach().double()
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                now = time.perf_counter()
+                if sigterm.set:
+                    if bar is not None:
+                        bar.close()
+                    _save_checkpoint(store, run_id, state(b + 1, elapsed_in_epoch + now - t0))
+                    raise Preempted(f"run {run_id}: SIGTERM; checkpoint written at step {step}, exiting 143")
+                if b + 1 < n_batches and now - last_ckpt > 60 * opts.checkpoint_minutes:
+                    _save_checkpoint(store, run_id, state(b + 1, elapsed_in_epoch + now - t0))
+                    last_ckpt = now
+            if bar is not None:
+                bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t_train = time.perf_counter() - t0 + elapsed_in_epoch
+            batches_run = n_batches
+            tl, tc = evaluate(compiled, dd.train_pre, dd.train_y, eval_batch, amp, use_cl)
+            vl, vc = evaluate(compiled, dd.test_pre, dd.test_y, eval_batch, amp, use_cl)
+            extra = []
+            if tracked:
+                wsq = sum(w.detach().double().pow(2).sum() for w in tracked)
+                extra = [wsq, grad_sq_sum / batches_run]
+            vals = torch.stack([loss_sum / batches_run, tl, tc.double(), vl, vc.double(), *extra]).tolist()
+            t_epoch = time.perf_counter() - t0 + elapsed_in_epoch
+            epoch += 1
+            m = {
+                "epoch": epoch,
+                "step": step,
+                "lr": lr,
+                "train_loss": vals[0],
+                "train_acc": vals[2] / n,
+                "train_eval_loss": vals[1] / n,
+                "test_loss": vals[3] / dd.test_y.shape[0],
+                "test_acc": vals[4] / dd.test_y.shape[0],
+                "epoch_seconds": t_epoch,
+                "train_seconds": t_train,
+                "eval_seconds": t_epoch - t_train,
+                "images_per_second": n / max(t_train, 1e-9),
+            }
+            if tracked:
+                m["weight_norm"] = math.sqrt(vals[5])
+                m["effective_lr"] = lr / vals[5] if vals[5] > 0 else float("inf")
+                m["grad_norm"] = math.sqrt(vals[6])
+            metrics.append(m)
+            batch_start, elapsed_in_epoch = 0, 0.0
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            grad_sq_sum = torch.zeros((), device=device, dtype=torch.float64)
+            log(f"run {run_id} epoch {epoch}/{spec.epochs}: loss {m['train_loss']:.4f} train acc "
+                f"{m['train_acc']:.4f} test acc {m['test_acc']:.4f} ({m['images_per_second']:.0f} img/s)")  # fmt: skip
+            _write_metrics(store, run_id, metrics)
+            if not math.isfinite(m["train_loss"]):
+                stopped = "diverged"
+            elif spec.target_train_acc is not None and m["train_acc"] >= spec.target_train_acc:
+                stopped = "target"
+            if stopped != "cap" or epoch == spec.epochs:
+                break
+            _save_checkpoint(store, run_id, state(0, 0.0))
+
+    result = summarize(spec, metrics, stopped, env, data.description)
+    store.write_text(run_key(run_id, "result.json"), json.dumps(result, indent=2) + "\n")
+    store.delete(run_key(run_id, "error.json"))
+    log(f"run {run_id} finished ({stopped}): train acc {result['final_train_acc']:.4f}, "
+        f"test acc {result['final_test_acc']:.4f}; {store.where(run_key(run_id, 'result.json'))}")  # fmt: skip
+    return result
