@@ -54,6 +54,15 @@ def data_dir_of(args) -> Path:
     return path
 
 
+def dataset_of(args) -> str:
+    """The data set identity the options select, without creating or downloading anything."""
+    from rethink.data import dataset_identity, synthetic_identity
+
+    if getattr(args, "synthetic", False):
+        return synthetic_identity(*SYNTHETIC_SIZE, seed=0)
+    return dataset_identity(args.data_dir)
+
+
 def load_data(args):
     from rethink.data import load_cifar10
 
@@ -122,7 +131,7 @@ def spec_from_args(args, dataset: str):
         dropout=args.dropout,
         lr=args.lr,
         batch_size=args.batch_size,
-        epochs=args.epochs,
+        epochs=args.epochs or 100,
         target_train_acc=args.target_acc,
         seed=args.seed,
         dataset=dataset,
@@ -132,18 +141,117 @@ def spec_from_args(args, dataset: str):
 
 
 def cmd_train(args) -> int:
-    from rethink.data import dataset_identity
     from rethink.store import open_store
     from rethink.train import train_run
 
-    if not args.spec and not args.model:
-        raise UserError("rethink train needs --model M (or --spec FILE); see rethink train --help")
-    dataset = dataset_identity(data_dir_of(args))
-    spec = spec_from_args(args, dataset)
+    if args.suite is not None or args.index is not None:
+        if args.suite is None or args.index is None:
+            raise UserError("--suite and --index go together: rethink train --suite S --index I")
+        specs = suite_specs(args)
+        if not 0 <= args.index < len(specs):
+            raise UserError(f"--index {args.index} is out of range: suite {args.suite} has {len(specs)} runs")
+        spec = specs[args.index]
+    elif not args.spec and not args.model:
+        raise UserError("rethink train needs --model M, --spec FILE or --suite S --index I; see rethink train --help")
+    else:
+        spec = spec_from_args(args, dataset_of(args))
     store = open_store(args.store)
     print(f"run {spec.run_id}: {spec.label()} -> {store.where('runs/' + spec.run_id)}", flush=True)
     data = load_data(args)
     train_run(spec, store, data, exec_options(args))
+    return 0
+
+
+def add_suite_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--suite", required=required, default=None, help="suite name (see rethink suites)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat the suite over this many seeds (0..K-1)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="cap every run at this many epochs (default: the per-model caps, 100 epochs each; "
+                        "smoke: 2)")  # fmt: skip
+
+
+def suite_options(args):
+    from rethink.suites import Options
+
+    return Options(dataset=dataset_of(args), seeds=args.seeds, epochs=args.epochs)
+
+
+def suite_specs(args):
+    from rethink.suites import expand
+
+    return expand(args.suite, suite_options(args))
+
+
+def cmd_suites(args) -> int:
+    from rethink.suites import SUITES, Options, estimate_seconds, expand
+
+    print(f"{'suite':<14}{'runs':>6}{'GPU h (est.)':>14}{'CPU h (est.)':>14}  description")
+    for name, suite in SUITES.items():
+        specs = expand(name, Options(seeds=args.seeds))
+        gpu, cpu = estimate_seconds(specs, "gpu") / 3600, estimate_seconds(specs, "cpu") / 3600
+        note = "" if suite.in_full or name == "full" else " [not in full]"
+        print(f"{name:<14}{len(specs):>6}{gpu:>14.2f}{cpu:>14.1f}  {suite.description}{note}")
+    print("\nestimates: every run to its epoch cap (runs stopping at 100% train accuracy finish sooner); "
+          "GPU: one H100, bf16 (docs/performance.md)")  # fmt: skip
+    return 0
+
+
+def cmd_plan(args) -> int:
+    specs = suite_specs(args)
+    if args.json:
+        rows = [{"index": i, "run_id": s.run_id, "model": s.model, "labels": s.labels, "pixels": s.pixels,
+                 "tags": list(s.tags), "spec": s.to_dict()} for i, s in enumerate(specs)]  # fmt: skip
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'#':>4}  {'run id':<12}  {'tags':<26} run")
+    for i, s in enumerate(specs):
+        print(f"{i:>4}  {s.run_id:<12}  {','.join(s.tags)[:26]:<26} {s.label()} (<= {s.epochs} epochs)")
+    print(f"{len(specs)} runs")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from rethink.runner import run_state
+    from rethink.store import open_store
+
+    store = open_store(args.store)
+    counts: dict[str, int] = {}
+    for s in suite_specs(args):
+        state, detail = run_state(store, s)
+        counts[state] = counts.get(state, 0) + 1
+        print(f"{s.run_id}  {state:<12} {s.label():<48} {detail}")
+    print(", ".join(f"{n} {state}" for state, n in counts.items()) + f" ({store.where()})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from rethink.runner import DataSource, run_specs
+
+    specs = suite_specs(args)
+    source = DataSource(str(data_dir_of(args)), verify=not args.no_verify_data)
+    failures = run_specs(specs, args.store, source, exec_options(args), jobs=args.jobs)
+    if not args.no_aggregate:
+        _aggregate(args)
+    if failures:
+        print(f"rethink: {len(failures)} of {len(specs)} runs failed:", file=sys.stderr)
+        for rid, message in failures.items():
+            print(f"  {rid}: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _aggregate(args) -> None:
+    from rethink.report import aggregate
+    from rethink.store import open_store
+
+    written = aggregate(open_store(args.store), args.suite, suite_options(args), log=lambda m: print(m, flush=True))
+    for key in written:
+        if key.endswith("report.html"):
+            print(f"report: {open_store(args.store).where(key)}")
+
+
+def cmd_aggregate(args) -> int:
+    _aggregate(args)
     return 0
 
 
@@ -187,16 +295,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.0, help="dropout probability before fully connected layers")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: 0.1 Inception, 0.01 others)")
     p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
-    p.add_argument("--epochs", type=int, default=100, help="maximum number of epochs")
+    p.add_argument("--epochs", type=int, default=None, help="maximum number of epochs (default: 100; with --suite: "
+                   "the suite's caps)")
     p.add_argument("--target-acc", type=float, default=None,
                    help="stop once training accuracy reaches this (e.g. 1.0); default: train all epochs")
     p.add_argument("--seed", type=int, default=0, help="seed for initialization, data order and corruption")
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
     p.add_argument("--spec", default=None, help="a run spec as a JSON file (overrides the options above)")
+    p.add_argument("--suite", default=None, help="train run number --index of this suite (as cluster pods do)")
+    p.add_argument("--index", type=int, default=None, help="index into the suite's runs (see rethink plan)")
+    p.add_argument("--seeds", type=int, default=1, help="with --suite: the suite's number of seeds")
     add_data_options(p)
     add_exec_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = _parser(sub, "suites", "list the suites with run counts and estimated cost")
+    p.add_argument("--seeds", type=int, default=1, help="count runs for this many seeds")
+    p.set_defaults(func=cmd_suites)
+
+    p = _parser(sub, "plan", "list the runs of a suite")
+    add_suite_options(p)
+    p.add_argument("--json", action="store_true", help="print a JSON list of runs (index, run_id, model, labels, "
+                   "pixels, tags, spec)")
+    add_data_options(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = _parser(sub, "run", "train every unfinished run of a suite, then aggregate its report")
+    add_suite_options(p)
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
+    p.add_argument("--no-aggregate", action="store_true", help="skip rendering the report at the end")
+    add_data_options(p)
+    add_exec_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = _parser(sub, "status", "show each run of a suite as finished, partial, failed or not started")
+    add_suite_options(p)
+    p.add_argument("--store", default="./runs", help="where runs live: a directory, file://PATH or s3://bucket/prefix")
+    add_data_options(p)
+    p.set_defaults(func=cmd_status)
+
+    p = _parser(sub, "aggregate", "render a suite's figures, tables and report from the runs in the store")
+    add_suite_options(p)
+    p.add_argument("--store", default="./runs", help="where runs live: a directory, file://PATH or s3://bucket/prefix")
+    add_data_options(p)
+    p.set_defaults(func=cmd_aggregate)
 
     return parser
 

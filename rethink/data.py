@@ -136,9 +136,14 @@ def is_synthetic(data_dir: str | os.PathLike) -> bool:
     return (root / META_FILE).exists() and SYNTHETIC_KEY in read_meta(root)
 
 
+def synthetic_identity(n_train: int, n_test: int, seed: int) -> str:
+    """The identity of the synthetic set `write_synthetic(out, n_train, n_test, seed)` writes."""
+    return f"synthetic-n{n_train}-m{n_test}-s{seed}"
+
+
 def _synthetic_identity(meta: dict) -> str:
     info = json.loads(meta[SYNTHETIC_KEY].decode())
-    return f"synthetic-n{info['train']}-m{info['test']}-s{info['seed']}"
+    return synthetic_identity(info["train"], info["test"], info["seed"])
 
 
 def dataset_identity(data_dir: str | os.PathLike) -> str:
