@@ -363,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rethink: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head and the like
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         from rethink.train import Preempted
 
