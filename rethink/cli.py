@@ -142,7 +142,7 @@ def spec_from_args(args, dataset: str):
 
 def cmd_train(args) -> int:
     from rethink.store import open_store
-    from rethink.train import train_run
+    from rethink.train import read_result, train_run
 
     if args.suite is not None or args.index is not None:
         if args.suite is None or args.index is None:
@@ -157,6 +157,9 @@ def cmd_train(args) -> int:
         spec = spec_from_args(args, dataset_of(args))
     store = open_store(args.store)
     print(f"run {spec.run_id}: {spec.label()} -> {store.where('runs/' + spec.run_id)}", flush=True)
+    if read_result(store, spec.run_id) is not None:  # finished: no need to load (or download) any data
+        print(f"run {spec.run_id} is already finished: {store.where(f'runs/{spec.run_id}/result.json')}")
+        return 0
     data = load_data(args)
     train_run(spec, store, data, exec_options(args))
     return 0
