@@ -1,0 +1,220 @@
+"""The foundation's command line: `rethink models`, `rethink data synth`, data errors as one line, --help defaults."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rethink.cli import build_parser, main
+from rethink.data import DIRNAME, load_cifar10, write_synthetic
+
+TABLE_1 = {
+    "inception": 1_649_402,
+    "inception-nobn": 1_649_402,
+    "alexnet": 1_387_786,
+    "mlp-3x512": 1_735_178,
+    "mlp-1x512": 1_209_866,
+}
+FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
+
+
+# Fixtures of this file's own (the shared session-wide `synth_dir` must not be modified by tests).
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A fresh data directory holding a 100-train / 20-test synthetic set (seed 0), free to damage."""
+    write_synthetic(tmp_path / "tiny", 100, 20, seed=0)
+    return tmp_path / "tiny"
+
+
+@pytest.fixture
+def unmarked_dir(tiny_dir):
+    """Synthetic files without the synthetic marker in batches.meta: a 'CIFAR-10' whose md5s do not match."""
+    meta_path = tiny_dir / DIRNAME / "batches.meta"
+    meta = pickle.loads(meta_path.read_bytes(), encoding="bytes")
+    del meta[b"rethink_synthetic"]
+    meta_path.write_bytes(pickle.dumps(meta))
+    return tiny_dir
+
+
+def _check_models_json(text: str) -> None:
+    rows = json.loads(text)
+    assert [r["name"] for r in rows] == list(TABLE_1)
+    for r in rows:
+        assert r["params"] == TABLE_1[r["name"]] == r["paper_params"], r
+        assert r["input_shape"] == [3, 28, 28]
+    lrs = {r["name"]: r["default_lr"] for r in rows}
+    assert lrs == {
+        "inception": 0.1,
+        "inception-nobn": 0.1,
+        "alexnet": 0.01,
+        "mlp-3x512": 0.01,
+        "mlp-1x512": 0.01,
+    }
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rethink: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def test_models_json(capsys):
+    assert main(["models", "--json"]) == 0
+    _check_models_json(capsys.readouterr().out)
+
+
+def test_models_table(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for display, count in [
+        ("Small Inception", "1,649,402"),
+        ("Small Inception w/o BatchNorm", "1,649,402"),
+        ("Small AlexNet", "1,387,786"),
+        ("MLP 3x512", "1,735,178"),
+        ("MLP 1x512", "1,209,866"),
+    ]:
+        assert any(display in line and line.count(count) == 2 for line in out.splitlines()), (display, out)
+    assert "MISMATCH" not in out and "3x28x28" in out
+
+
+def test_entry_point_runs_as_a_module(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETHINK_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rethink", "models", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    _check_models_json(proc.stdout)
+
+
+# ---------------------------------------------------------------------------------------------- data synth
+
+
+def test_data_synth_writes_a_loadable_set(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["data", "synth", "--out", str(out), "--train", "1000", "--test", "200", "--seed", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC" in printed and str(out / DIRNAME) in printed
+    assert sorted(p.name for p in (out / DIRNAME).iterdir()) == sorted(FILES)
+    data = load_cifar10(out, download=False)
+    assert data.train_x.shape == (1000, 3, 32, 32) and data.test_x.shape == (200, 3, 32, 32)
+    assert data.train_x.dtype == np.uint8 and set(np.unique(data.train_y)) == set(range(10))
+    assert data.synthetic and data.identity == "synthetic-n1000-m200-s4"
+
+
+@pytest.mark.parametrize(
+    "sizes, words",
+    [(["--train", "3", "--test", "10"], "--train must be at least 5"),
+     (["--train", "100", "--test", "0"], "--test at least 1"),
+     (["--train", "-5", "--test", "10"], "got -5, 10")],
+)  # fmt: skip
+def test_data_synth_bad_sizes(tmp_path, capsys, sizes, words):
+    out = tmp_path / "d"
+    assert main(["data", "synth", "--out", str(out), *sizes]) == 2
+    captured = capsys.readouterr()
+    assert words in _one_error_line(captured.err)
+    assert captured.out == "" and not out.exists()
+
+
+def test_data_synth_non_integer_size(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["data", "synth", "--out", str(tmp_path / "d"), "--train", "many"])
+    assert e.value.code == 2
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_data_without_action_prints_help(capsys):
+    assert main(["data"]) == 2
+    assert "synth" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- data errors through the CLI
+
+
+def _train_args(data_dir, tmp_path, *extra):
+    return ["train", "--model", "mlp-1x512", "--data-dir", str(data_dir), "--store", str(tmp_path / "runs"),
+            "--device", "cpu", "--epochs", "1", *extra]  # fmt: skip
+
+
+def test_md5_mismatch_is_one_line(unmarked_dir, tmp_path, capsys):
+    code = main(_train_args(unmarked_dir, tmp_path))
+    line = _one_error_line(capsys.readouterr().err)
+    assert code != 0
+    assert "md5 mismatch" in line and "data_batch_1" in line and "--no-verify-data" in line
+    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]  # nothing half-written
+
+
+def test_no_verify_data_trains_with_a_warning(unmarked_dir, tmp_path, capsys):
+    assert main(_train_args(unmarked_dir, tmp_path, "--no-verify-data")) == 0
+    err = capsys.readouterr().err
+    assert "md5 checksums" in err and "not verified" in err and "--no-verify-data" in err
+    assert "md5 mismatch" not in err
+
+
+def test_failed_download_is_one_line(tmp_path, capsys, monkeypatch):
+    url = "http://127.0.0.1:9/cifar-10-python.tar.gz"
+    monkeypatch.setenv("RETHINK_CIFAR10_URL", url)
+    code = main(_train_args(tmp_path / "empty", tmp_path))
+    line = _one_error_line(capsys.readouterr().err)
+    assert code != 0
+    assert url in line and str(tmp_path / "empty" / DIRNAME) in line
+    assert "RETHINK_CIFAR10_URL" in line and "--synthetic" in line
+
+
+def test_truncated_file_is_one_line(tiny_dir, tmp_path, capsys):
+    path = tiny_dir / DIRNAME / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:1000])
+    # the synthetic set's identity comes from batches.meta, which is intact; the broken batch fails the load
+    code = main(_train_args(tiny_dir, tmp_path))
+    line = _one_error_line(capsys.readouterr().err)
+    assert code != 0 and str(path) in line and "truncated or corrupt" in line
+
+
+# ---------------------------------------------------------------------------------------------- --help
+
+
+def _subparsers(parser: argparse.ArgumentParser, prefix=()):
+    """(command words, parser) for every subcommand, nested ones included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from _subparsers(sub, (*prefix, name))
+
+
+def test_train_help_states_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default" in text
+    for fragment in ("--batch-size BATCH_SIZE minibatch size (default: 128)", "(default: ./data)"):
+        assert fragment in text, fragment
+
+
+def test_every_subcommand_help_states_its_defaults():
+    """Every option of every subcommand that has a default says so in --help."""
+    commands = list(_subparsers(build_parser()))
+    assert {words for words, _ in commands} >= {("models",), ("data",), ("data", "synth"), ("train",)}
+    for words, parser in commands:
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if not action.option_strings or action.default in (None, argparse.SUPPRESS):
+                continue
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            option = action.option_strings[-1]
+            assert f"(default: {action.default})" in text or "default" in (action.help or ""), (words, option)
