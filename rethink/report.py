@@ -1,0 +1,735 @@
+"""Aggregation: a suite's runs in the store -> figures, Table 1 and a self-contained report.
+
+`aggregate(store, suite, options)` reads every run of the suite (result.json, metrics.jsonl, error.json) and
+writes to `reports/<suite>/` in the same store (local or S3): one section per component of the suite (figure
+PNG + SVG files, table CSV/markdown), then `report.md` and `report.html` (figures embedded as base64 PNG data
+URIs, no external resources). Whatever runs exist are drawn; the missing, partial and failed ones are listed.
+
+Adding a section (e.g. for a new suite component 'regularizers'):
+
+    from rethink import report
+
+    def render_regularizers(ctx: report.Context) -> report.Section | None:
+        fig, ax = report.new_figure()
+        for label, group in ctx.seed_groups().items():      # specs differing only by seed
+            report.plot_curves(ax, ctx.curves(group), "epoch", "test_acc", label, color=None)
+        report.finish_axes(ax, "Test accuracy by regularizer", "epoch", "test accuracy")
+        names = ctx.save_figure(fig, "regularizers")        # writes regularizers.png and .svg
+        return report.Section("Regularizers", "Some *markdown*.", figures=names[:1])
+
+    report.SECTIONS["regularizers"] = render_regularizers
+
+A renderer gets a `Context` holding the component's specs and, by run id, their results (None: not finished),
+per-epoch metrics and error messages; it writes its files through `ctx.save_figure` / `ctx.write_text` and
+returns a `Section` (title, markdown body, PNG file names to show) or None to show nothing. Bodies use a small
+markdown subset that `report.html` understands: paragraphs, `#` headings, `- ` lists, pipe tables, `code`,
+**bold** and *italic*. Finished runs are the ones with a result; `ctx.finished(specs)` filters them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from rethink import suites
+from rethink.models import DEFAULT_LR, DISPLAY
+from rethink.spec import RunSpec
+from rethink.store import Store, run_key
+from rethink.train import read_metrics, read_result
+
+SYNTHETIC_BANNER = "SYNTHETIC DATA — these numbers are not CIFAR-10"
+MODE_NAMES = {
+    ("true", "none"): "true labels",
+    ("random", "none"): "random labels",
+    ("true", "shuffled"): "shuffled pixels",
+    ("true", "random"): "random pixels",
+    ("true", "gaussian"): "gaussian",
+}
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+@dataclass
+class Section:
+    """What a component contributes to the report: a title, a markdown body and the PNGs to show."""
+
+    title: str
+    body: str = ""
+    figures: list[str] = field(default_factory=list)  # file names in the report folder, e.g. "fig1a.png"
+
+
+@dataclass
+class Context:
+    """Everything a section renderer needs: the component's runs and where to write."""
+
+    store: Store
+    suite: str
+    out: str  # key prefix of the report folder: "reports/<suite>/"
+    component: str
+    specs: list[RunSpec]
+    results: dict[str, dict | None]  # run id -> result.json (None: not finished)
+    metrics: dict[str, list[dict]]  # run id -> per-epoch records of metrics.jsonl
+    errors: dict[str, str]  # run id -> error message of error.json (failed, unfinished runs only)
+    log: Callable[[str], None] = print
+    written: list[str] = field(default_factory=list)  # keys written so far (shared by all sections)
+    images: dict[str, bytes] = field(default_factory=dict)  # PNG file name -> bytes, for report.html
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        """Write a file into the report folder; returns its key."""
+        key = self.out + name
+        self.store.write_bytes(key, data)
+        self.written.append(key)
+        self.log(f"wrote {self.store.where(key)}")
+        return key
+
+    def write_text(self, name: str, text: str) -> str:
+        return self.write_bytes(name, text.encode())
+
+    def save_figure(self, fig: Figure, name: str) -> list[str]:
+        """Write `fig` as <name>.png and <name>.svg; returns the two file names."""
+        png, svg = io.BytesIO(), io.BytesIO()
+        fig.savefig(png, format="png", dpi=130, bbox_inches="tight")
+        fig.savefig(svg, format="svg", bbox_inches="tight", metadata={"Date": None})
+        self.images[f"{name}.png"] = png.getvalue()
+        self.write_bytes(f"{name}.png", png.getvalue())
+        self.write_bytes(f"{name}.svg", svg.getvalue())
+        return [f"{name}.png", f"{name}.svg"]
+
+    def finished(self, specs: list[RunSpec] | None = None) -> list[RunSpec]:
+        """The specs (default: the component's) whose run has a result."""
+        return [s for s in (self.specs if specs is None else specs) if self.results.get(s.run_id) is not None]
+
+    def seed_groups(self, specs: list[RunSpec] | None = None) -> dict[str, list[RunSpec]]:
+        """Specs grouped by everything but the seed, keyed by a label without the seed, in first-seen order."""
+        groups: dict[str, list[RunSpec]] = {}
+        for s in self.specs if specs is None else specs:
+            groups.setdefault(s.label().rsplit(" seed=", 1)[0], []).append(s)
+        return groups
+
+    def curves(self, specs: list[RunSpec]) -> list[list[dict]]:
+        """The metrics of the finished runs among `specs` (one list of epoch records per seed)."""
+        return [self.metrics.get(s.run_id) or [] for s in self.finished(specs) if self.metrics.get(s.run_id)]
+
+
+# ---------------------------------------------------------------------------------------------- plotting helpers
+
+
+def new_figure(ncols: int = 1, width: float = 6.4, height: float = 4.4, sharey: bool = False):
+    """A figure on the Agg canvas (no display, no global pyplot state) and its axes."""
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, sharey=sharey, squeeze=False)[0]
+    return fig, (axes[0] if ncols == 1 else list(axes))
+
+
+def finish_axes(ax, title: str, xlabel: str, ylabel: str, legend: bool = True, **legend_kw) -> None:
+    ax.set_title(title, fontsize=12)
+    ax.set_xlabel(xlabel, fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=11)
+    ax.grid(True, alpha=0.3)
+    if legend and ax.get_legend_handles_labels()[0] or legend_kw.get("handles"):
+        ax.legend(fontsize=9, **legend_kw)
+
+
+def no_data(ax, what: str = "no finished runs yet") -> None:
+    ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="gray")
+
+
+def curve_stats(runs: list[list[dict]], x: str, y: str) -> pd.DataFrame:
+    """Per epoch across seeds: mean x, mean/std/min/max of y and the number of seeds still running."""
+    rows = [(m["epoch"], m[x], m[y]) for ms in runs for m in ms]
+    if not rows:
+        return pd.DataFrame(columns=["epoch", "x", "mean", "std", "n"])
+    df = pd.DataFrame(rows, columns=["epoch", "x", "y"])
+    g = df.groupby("epoch").agg(x=("x", "mean"), mean=("y", "mean"), std=("y", "std"), n=("y", "count"))
+    return g.reset_index().fillna({"std": 0.0})
+
+
+def plot_curves(
+    ax, runs: list[list[dict]], x: str, y: str, label: str, color=None, style: str = "-", band: bool = True
+) -> pd.DataFrame:
+    """Mean of `y` against `x` over seeds, with a +-1 std band when there are several; returns the stats."""
+    st = curve_stats(runs, x, y)
+    if st.empty:
+        return st
+    if len(runs) > 1:
+        label = f"{label} (mean ± std, {len(runs)} seeds)"
+    (line,) = ax.plot(st["x"], st["mean"], style, color=color, label=label, lw=1.8,
+                      marker="." if len(st) < 30 else None)  # fmt: skip
+    if band and len(runs) > 1:
+        ax.fill_between(st["x"], st["mean"] - st["std"], st["mean"] + st["std"], color=line.get_color(),
+                        alpha=0.18, lw=0)  # fmt: skip
+    return st
+
+
+def plot_points(ax, xs, means, stds, exact, label: str, color, marker: str) -> None:
+    """A line through per-x means with std error bars; filled markers where `exact`, hollow where a bound."""
+    xs, means, stds, exact = (np.asarray(a) for a in (xs, means, stds, exact))
+    if len(xs) == 0:
+        return
+    ax.errorbar(xs, means, yerr=np.nan_to_num(stds), color=color, lw=1.6, capsize=3, zorder=2)
+    for mask, face in ((exact.astype(bool), color), (~exact.astype(bool), "white")):
+        if mask.any():
+            ax.scatter(xs[mask], means[mask], marker=marker, s=48, facecolors=face, edgecolors=color,
+                       linewidths=1.6, zorder=3)  # fmt: skip
+    ax.plot([], [], color=color, marker=marker, label=label)  # the legend entry
+
+
+HOLLOW_NOTE = "hollow: did not reach the target within its epoch cap (plotted at the cap)"
+
+
+def hollow_handle() -> Line2D:
+    return Line2D([], [], color="gray", marker="o", mfc="white", ls="none", label=HOLLOW_NOTE)
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+def _pct(v) -> str:
+    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.2f}"
+
+
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """'m' for one value, 'm ± s' for several, '' for none."""
+    vals = [v * scale for v in values if v is not None]
+    if not vals:
+        return ""
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    """A pipe table; cells are str()-ed with pipes and newlines escaped."""
+
+    def cell(v) -> str:
+        return "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _seeds_note(n_runs: list[int]) -> str:
+    return (
+        ""
+        if max(n_runs, default=1) <= 1
+        else " Lines are the mean over seeds, bands ± one standard deviation."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+def render_fig1a(ctx: Context) -> Section:
+    """Training loss against steps for the five randomization tests (Small Inception)."""
+    fig, ax = new_figure()
+    rows, counts = [], []
+    for i, (labels, pixels) in enumerate(suites.FIG1A_MODES):
+        specs = [s for s in ctx.specs if (s.labels, s.pixels) == (labels, pixels)]
+        runs = ctx.curves(specs)
+        counts.append(len(runs))
+        name = MODE_NAMES[(labels, pixels)]
+        plot_curves(ax, runs, "step", "train_loss", name, COLORS[i])
+        done = [ctx.results[s.run_id] for s in ctx.finished(specs)]
+        steps01 = [r["loss_threshold_steps"].get("0.1") for r in done]
+        reached = [v for v in steps01 if v is not None]
+        rows.append([name, f"{len(done)} of {len(specs)}", _mean_std([r["final_train_loss"] for r in done], 1, 4),
+                     _mean_std(reached, 1, 0) + (f" ({len(steps01) - len(reached)} never)" if
+                                                  len(reached) < len(steps01) else "")])  # fmt: skip
+    if not any(counts):
+        no_data(ax)
+    finish_axes(
+        ax, "Figure 1a: Small Inception, training loss", "training step", "training loss (epoch mean)"
+    )
+    ax.set_ylim(bottom=0)
+    names = ctx.save_figure(fig, "fig1a")
+    body = (
+        "Mean training loss of each epoch against the SGD step at its end, for true labels, random labels, "
+        "shuffled pixels, random pixels and gaussian inputs."
+        + _seeds_note(counts)
+        + "\n\n"
+        + md_table(["mode", "runs finished", "final train loss", "steps to train loss < 0.1"], rows)
+    )
+    return Section("Figure 1a: fitting random labels and random pixels", body, names[:1])
+
+
+def _fig1bc_points(ctx: Context, model: str):
+    """Per corruption level p of `model`: p, relative time to overfit, test error (lists per seed), flags."""
+    groups: dict[float, list[RunSpec]] = {}
+    for s in ctx.specs:
+        if s.model == model:
+            groups.setdefault(s.label_noise, []).append(s)
+    out = []
+    for p in sorted(groups):
+        done = [ctx.results[s.run_id] for s in ctx.finished(groups[p])]
+        if not done:
+            continue
+        steps = [r["target_step"] if r["target_step"] is not None else r["steps"] for r in done]
+        out.append(dict(p=p, n=len(done), expected=len(groups[p]), steps=steps,
+                        reached=all(r["target_step"] is not None for r in done),
+                        caps=sorted({r["epochs"] for r in done if r["target_step"] is None}),
+                        test_err=[1 - r["final_test_acc"] for r in done]))  # fmt: skip
+    return out
+
+
+def render_fig1bc(ctx: Context) -> Section:
+    """Relative time to overfit (Figure 1b) and test error (Figure 1c) against label corruption."""
+    models = [m for m in suites.FIG1BC_MODELS if any(s.model == m for s in ctx.specs)]
+    models += sorted({s.model for s in ctx.specs} - set(models))
+    fig_b, ax_b = new_figure()
+    fig_c, ax_c = new_figure()
+    rows, any_hollow, any_points, notes = [], False, False, []
+    target = next((s.target_train_acc for s in ctx.specs if s.target_train_acc), suites.TARGET_ACC)
+    for i, model in enumerate(models):
+        pts = _fig1bc_points(ctx, model)
+        base = next((q for q in pts if q["p"] == 0.0), None)
+        color, marker = COLORS[i % len(COLORS)], MARKERS[i % len(MARKERS)]
+        if pts:
+            any_points = True
+        if base is None:
+            notes.append(f"{DISPLAY[model]}: no finished true-label run, so no relative time")
+        else:
+            base_steps = float(np.mean(base["steps"]))
+            if not base["reached"]:
+                notes.append(f"{DISPLAY[model]}: the true-label run did not reach the target either; its times "
+                             "are relative to its cap")  # fmt: skip
+            rel = [[v / base_steps for v in q["steps"]] for q in pts]
+            exact = [q["reached"] and base["reached"] for q in pts]
+            any_hollow |= not all(exact)
+            plot_points(ax_b, [q["p"] for q in pts], [np.mean(r) for r in rel],
+                        [np.std(r, ddof=1) if len(r) > 1 else 0.0 for r in rel], exact, DISPLAY[model], color,
+                        marker)  # fmt: skip
+        plot_points(ax_c, [q["p"] for q in pts], [np.mean(q["test_err"]) for q in pts],
+                    [np.std(q["test_err"], ddof=1) if q["n"] > 1 else 0.0 for q in pts],
+                    [q["reached"] for q in pts], DISPLAY[model], color, marker)  # fmt: skip
+        for q in pts:
+            t = _mean_std(q["steps"], 1, 0)
+            if not q["reached"]:
+                t = f">= {t} (not reached by epoch {', '.join(map(str, q['caps']))})"
+            rel_s = "" if base is None else _mean_std([v / np.mean(base["steps"]) for v in q["steps"]], 1, 2)
+            rows.append([DISPLAY[model], f"{q['p']:g}", f"{q['n']} of {q['expected']}", t, rel_s,
+                         _mean_std(q["test_err"], 100, 2)])  # fmt: skip
+    for ax in (ax_b, ax_c):
+        if not any_points:
+            no_data(ax)
+        ax.set_xticks(suites.CORRUPTION_LEVELS)
+    extra = [hollow_handle()] if any_hollow else []
+    handles_b = ax_b.get_legend_handles_labels()[0] + extra
+    finish_axes(ax_b, "Figure 1b: time to overfit vs label corruption", "label corruption p",
+                f"steps to {100 * target:g}% train accuracy / true labels", handles=handles_b)  # fmt: skip
+    ax_c.axhline(0.9, color="gray", ls="--", lw=1)
+    ax_c.text(
+        0.01, 0.9, "chance (90%)", color="gray", va="bottom", fontsize=9, transform=ax_c.get_yaxis_transform()
+    )
+    hollow_c = any(not q["reached"] for m in models for q in _fig1bc_points(ctx, m))
+    handles_c = ax_c.get_legend_handles_labels()[0] + ([hollow_handle()] if hollow_c else [])
+    finish_axes(ax_c, "Figure 1c: test error vs label corruption", "label corruption p",
+                "test error (1 - final test accuracy)", handles=handles_c)  # fmt: skip
+    ax_c.set_ylim(0, 1)
+    names = ctx.save_figure(fig_b, "fig1b")[:1] + ctx.save_figure(fig_c, "fig1c")[:1]
+    body = (
+        f"Time to overfit: the SGD step at the first epoch end with training accuracy >= {100 * target:g}%, "
+        "divided by that of the same model on true labels (p = 0). A run that never reached the target within "
+        "its epoch cap is drawn hollow at its cap: its true time is at least that. Test error is measured at "
+        "the end of the run. Error bars: ± one standard deviation over seeds, where there are several.\n\n"
+        + "".join(f"- {n}\n" for n in notes)
+        + ("\n" if notes else "")
+        + md_table(
+            ["model", "p", "runs finished", "time to overfit (steps)", "relative", "test error (%)"], rows
+        )
+    )
+    return Section("Figure 1b/c: label corruption", body, names)
+
+
+def table1_frame(ctx: Context) -> pd.DataFrame:
+    """One row per row of the paper's Table 1: the paper's accuracies next to ours (%, mean and std over seeds)."""
+    rows = []
+    for i, (model, crop, wd, labels, paper_train, paper_test) in enumerate(suites.TABLE1_ROWS):
+        specs = [s for s in ctx.specs if f"table1:{i}" in s.tags]
+        done = [ctx.results[s.run_id] for s in ctx.finished(specs)]
+        failed = [s for s in specs if s.run_id in ctx.errors]
+        train = [100 * r["final_train_acc"] for r in done]
+        test = [100 * r["final_test_acc"] for r in done]
+        if done and len(done) == len(specs):
+            status = "ok"
+        elif done:
+            status = f"incomplete ({len(done)} of {len(specs)} seeds)"
+        elif failed:
+            status = "failed"
+        else:
+            status = "missing"
+
+        def stat(vals, f):
+            return f(vals) if vals else np.nan
+
+        rows.append({
+            "row": i, "model": DISPLAY[model], "random_crop": crop, "weight_decay": wd, "labels": labels,
+            "paper_train_acc": paper_train, "paper_test_acc": paper_test,
+            "train_acc": stat(train, np.mean), "train_acc_std": stat(train, lambda v: np.std(v, ddof=1)) if
+            len(train) > 1 else np.nan,
+            "test_acc": stat(test, np.mean), "test_acc_std": stat(test, lambda v: np.std(v, ddof=1)) if
+            len(test) > 1 else np.nan,
+            "train_diff": stat(train, np.mean) - paper_train, "test_diff": stat(test, np.mean) - paper_test,
+            "n_seeds": len(done), "n_expected": len(specs), "status": status,
+            "stopped": ", ".join(sorted({r["stopped"] for r in done})),
+            "epochs": ", ".join(str(e) for e in sorted({r["epochs"] for r in done})),
+            "run_ids": " ".join(s.run_id for s in specs),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _fmt(v, std=np.nan, signed=False) -> str:
+    if v is None or pd.isna(v):
+        return ""
+    s = f"{v:+.2f}" if signed else f"{v:.2f}"
+    return s if pd.isna(std) else f"{s} ± {std:.2f}"
+
+
+def render_table1(ctx: Context) -> Section:
+    """Table 1: train/test accuracy with and without random crop and weight decay, paper vs ours."""
+    df = table1_frame(ctx)
+    ctx.write_text("table1.csv", df.round(4).to_csv(index=False))
+    yes = {True: "yes", False: "no"}
+    rows = [
+        [r.model + (", random labels" if r.labels == "random" else ""), yes[r.random_crop], yes[r.weight_decay],
+         _fmt(r.paper_train_acc), _fmt(r.train_acc, r.train_acc_std), _fmt(r.train_diff, signed=True),
+         _fmt(r.paper_test_acc), _fmt(r.test_acc, r.test_acc_std), _fmt(r.test_diff, signed=True),
+         r.n_seeds, r.status]
+        for r in df.itertuples()
+    ]  # fmt: skip
+    table = md_table(["model", "crop", "wd", "train (paper)", "train (ours)", "Δ train", "test (paper)",
+                      "test (ours)", "Δ test", "seeds", "status"], rows)  # fmt: skip
+    several = (df["n_seeds"] > 1).any()
+    body = (
+        "Final training and test accuracy (%) of each row of the paper's Table 1, ours next to the paper's; "
+        "Δ = ours − paper (percentage points)."
+        + (" Ours: mean ± standard deviation over seeds." if several else "")
+        + " Rows without a finished run are kept with empty values and status 'missing' (or 'failed').\n\n"
+        + table
+    )
+    ctx.write_text("table1.md", "# Table 1: paper vs this reproduction\n\n" + body + "\n")
+    return Section("Table 1: accuracy with and without explicit regularization", body)
+
+
+def render_fig2b(ctx: Context) -> Section:
+    """Learning curves with and without BatchNorm; the shaded area is the cumulative best test accuracy."""
+    models = list(dict.fromkeys(s.model for s in ctx.specs))
+    fig, axes = new_figure(ncols=max(1, len(models)), width=5.6, sharey=True)
+    axes = axes if isinstance(axes, list) else [axes]
+    rows, counts = [], []
+    for ax, model in zip(axes, models):
+        specs = [s for s in ctx.specs if s.model == model]
+        runs = ctx.curves(specs)
+        counts.append(len(runs))
+        plot_curves(ax, runs, "epoch", "train_acc", "train accuracy", COLORS[0])
+        test = plot_curves(ax, runs, "epoch", "test_acc", "test accuracy", COLORS[1], style="--")
+        if not test.empty:
+            best = test["mean"].cummax()
+            ax.fill_between(test["x"], test["mean"], best, color=COLORS[2], alpha=0.35, lw=0,
+                            label="cumulative best test accuracy (gain of early stopping)")  # fmt: skip
+            done = [ctx.results[s.run_id] for s in ctx.finished(specs)]
+            rows.append([DISPLAY[model], len(runs), _mean_std([r["final_train_acc"] for r in done], 100),
+                         _mean_std([r["final_test_acc"] for r in done], 100),
+                         _mean_std([r["best_test_acc"] for r in done], 100),
+                         _mean_std([r["best_test_acc"] - r["final_test_acc"] for r in done], 100)])  # fmt: skip
+        else:
+            no_data(ax)
+        finish_axes(ax, f"Figure 2b: {DISPLAY[model]}", "epoch", "accuracy", loc="lower right")
+        ax.set_ylim(0, 1.02)
+    names = ctx.save_figure(fig, "fig2b")
+    body = (
+        "Training and test accuracy at each epoch end, all explicit regularizers off, to the epoch cap. The "
+        "shaded area between the test accuracy and its running maximum is what early stopping could gain."
+        + _seeds_note(counts)
+        + "\n\n"
+        + md_table(
+            [
+                "model",
+                "runs",
+                "final train acc (%)",
+                "final test acc (%)",
+                "best test acc (%)",
+                "early-stopping gain (pp)",
+            ],
+            rows,
+        )  # fmt: skip
+    )
+    return Section("Figure 2b: with and without BatchNorm", body, names[:1])
+
+
+SECTIONS: dict[str, Callable[[Context], Section | None]] = {
+    "fig1a": render_fig1a,
+    "fig1bc": render_fig1bc,
+    "table1": render_table1,
+    "fig2b": render_fig2b,
+}
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+
+def _state(store: Store, spec: RunSpec, results, metrics, errors) -> tuple[str, str]:
+    rid = spec.run_id
+    if results.get(rid) is not None:
+        return "finished", ""
+    if rid in errors:
+        return "failed", errors[rid]
+    if metrics.get(rid) or store.exists(run_key(rid, "checkpoint.pt")):
+        return "partial", f"{len(metrics.get(rid) or [])} of {spec.epochs} epochs"
+    return "missing", "not in the store"
+
+
+def _load(store: Store, specs: list[RunSpec], log) -> tuple[dict, dict, dict]:
+    results, metrics, errors = {}, {}, {}
+    for s in specs:
+        rid = s.run_id
+        results[rid] = read_result(store, rid, log)
+        try:
+            metrics[rid] = read_metrics(store, rid)
+        except ValueError as e:
+            log(f"warning: ignoring unreadable {store.where(run_key(rid, 'metrics.jsonl'))} ({e})")
+            metrics[rid] = []
+        if results[rid] is None:
+            text = store.read_text(run_key(rid, "error.json"))
+            if text is not None:
+                try:
+                    errors[rid] = str(json.loads(text).get("error") or "unknown error")
+                except (ValueError, AttributeError):
+                    errors[rid] = "unreadable error.json"
+    return results, metrics, errors
+
+
+def _protocol(specs: list[RunSpec], o: suites.Options) -> str:
+    def values(attr) -> str:
+        return ", ".join(sorted({f"{getattr(s, attr):g}" if isinstance(getattr(s, attr), float)
+                                 else str(getattr(s, attr)) for s in specs}))  # fmt: skip
+
+    caps = {
+        m: sorted({s.epochs for s in specs if s.model == m}) for m in dict.fromkeys(s.model for s in specs)
+    }
+    subsets = sorted({(s.train_subset, s.test_subset) for s in specs}, key=str)
+    items = [
+        f"batch size {values('batch_size')}; SGD momentum {values('momentum')}",
+        "initial learning rate "
+        + ", ".join(f"{DISPLAY[m]} {DEFAULT_LR[m]:g}" for m in DEFAULT_LR)
+        + f"; multiplied by {values('lr_decay')} after every epoch",
+        f"weight decay, when on: {suites.WEIGHT_DECAY:g} (coupled L2, SGD weight_decay, every parameter)",
+        "preprocessing: central 28x28 crop and per-image standardization; random crop: a 28x28 window per image "
+        "per epoch; evaluation always uses the central crop",
+        "test labels: always the true labels (corruptions touch the training labels only)",
+        f"time to overfit: the step count at the first epoch end with training accuracy >= "
+        f"{100 * suites.TARGET_ACC:g}% (evaluated on the whole training set)",
+        "epoch caps of the paper suites: "
+        + ", ".join(f"{m} {c}" for m, c in suites.EPOCH_CAPS.items())
+        + "; in this report: "
+        + "; ".join(f"{m} {', '.join(map(str, c))}" for m, c in caps.items()),
+        "core runs stop at the target or the cap; Figure 2b runs always go to the cap",
+        "Small AlexNet LRN: size 9, alpha 1e-3, beta 0.75, k 1",
+        "Small Inception BatchNorm without scale (no affine parameters, a learned per-channel offset after it); "
+        "PyTorch defaults momentum 0.1, eps 1e-5",
+        f"seeds: {o.seeds}; data sets: {values('dataset')}",
+    ]
+    if subsets != [(None, None)]:
+        items.append(
+            "subsets (train/test images): " + ", ".join(f"{a or 'all'}/{b or 'all'}" for a, b in subsets)
+        )
+    return "".join(f"- {i}\n" for i in items) + "\nAll choices are listed in docs/protocol.md.\n"
+
+
+def _environment(results: dict) -> str:
+    envs: dict[str, list] = {}
+    for r in results.values():
+        if r is not None:
+            env = r.get("environment") or {}
+            envs.setdefault(json.dumps(env, sort_keys=True), []).append(r)
+    if not envs:
+        return "No finished runs yet.\n"
+    keys = [
+        "device",
+        "device_name",
+        "torch",
+        "python",
+        "rethink",
+        "threads",
+        "amp",
+        "channels_last",
+        "compile",
+    ]
+    rows = []
+    for text, rs in envs.items():
+        env = json.loads(text)
+        rows.append([env.get(k, "") for k in keys] + [len(rs)])
+    data = sorted({str(r.get("data", "")) for r in results.values() if r is not None})
+    return md_table(keys + ["runs"], rows) + "\n\nData: " + "; ".join(data) + "\n"
+
+
+def _status(store, specs, results, metrics, errors) -> tuple[str, dict]:
+    counts: dict[str, int] = {}
+    lines = []
+    for s in specs:
+        state, detail = _state(store, s, results, metrics, errors)
+        counts[state] = counts.get(state, 0) + 1
+        if state != "finished":
+            lines.append(f"- `{s.run_id}` **{state}**: {s.label()} ({', '.join(s.tags)}): {detail}")
+    summary = ", ".join(f"{n} {st}" for st, n in counts.items())
+    if not lines:
+        return f"All {len(specs)} runs finished.\n", counts
+    return (f"{summary} of {len(specs)} runs. Figures and tables use the finished runs only; these are not "
+            f"finished:\n\n" + "\n".join(lines) + "\n"), counts  # fmt: skip
+
+
+def aggregate(store: Store, suite: str, o: suites.Options, log=print) -> list[str]:
+    """Render `reports/<suite>/` from the suite's runs in `store`; returns the keys written."""
+    specs_by_component = suites.components(suite, o)
+    all_specs = suites.expand(suite, o)
+    info = suites.get_suite(suite)
+    out = f"reports/{suite}/"
+    results, metrics, errors = _load(store, all_specs, log)
+    written: list[str] = []
+    images: dict[str, bytes] = {}
+    sections: list[Section] = []
+    for component, specs in specs_by_component.items():
+        render = SECTIONS.get(component)
+        if render is None:
+            log(f"note: no report section for component {component!r}; its runs are listed under run status")
+            continue
+        ids = [s.run_id for s in specs]
+        ctx = Context(store=store, suite=suite, out=out, component=component, specs=specs,
+                      results={i: results[i] for i in ids}, metrics={i: metrics[i] for i in ids},
+                      errors={i: errors[i] for i in ids if i in errors}, log=log, written=written,
+                      images=images)  # fmt: skip
+        section = render(ctx)
+        if section is not None:
+            sections.append(section)
+
+    synthetic = any(s.synthetic for s in all_specs) or any(r and r.get("synthetic") for r in results.values())
+    status, counts = _status(store, all_specs, results, metrics, errors)
+    n_done = counts.get("finished", 0)
+    head = [f"# Rethinking generalization: suite `{suite}`", ""]
+    if synthetic:
+        head += [f"> **{SYNTHETIC_BANNER}**", ""]
+    head += [
+        f"{info.description}. {n_done} of {len(all_specs)} runs finished; generated "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {store.where()}.",
+        "",
+        "Reproduction of Zhang, Bengio, Hardt, Recht and Vinyals, *Understanding Deep Learning Requires "
+        "Rethinking Generalization* (ICLR 2017), CIFAR-10 experiments.",
+        "",
+    ]
+    parts = list(head)
+    for sec in sections:
+        parts += [f"## {sec.title}", ""]
+        parts += [f"![{sec.title}]({name})\n" for name in sec.figures]
+        parts += [sec.body.rstrip(), ""]
+    parts += ["## Protocol choices", "", _protocol(all_specs, suites.options_for(info, o)).rstrip(), ""]
+    parts += ["## Environment", "", _environment(results).rstrip(), ""]
+    parts += ["## Run status", "", status.rstrip(), ""]
+    markdown = "\n".join(parts)
+
+    def write(name: str, text: str) -> None:
+        key = out + name
+        store.write_text(key, text)
+        written.append(key)
+        log(f"wrote {store.where(key)}")
+
+    write("report.md", markdown)
+    write("report.html", to_html(markdown, images, title=f"rethink report: {suite}"))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- markdown -> HTML
+
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
+th { background: #f3f3f3; }
+tr:nth-child(even) td { background: #fafafa; }
+img { max-width: 100%; border: 1px solid #eee; }
+code { background: #f3f3f3; padding: 0 3px; }
+.banner { background: #c62828; color: white; font-size: 1.5em; font-weight: bold; padding: 0.6em 1em;
+          border: 4px solid #7f0000; text-align: center; margin: 1em 0; }
+"""
+
+
+def _inline(text: str) -> str:
+    s = html.escape(text, quote=False)
+    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+    s = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s)
+    s = re.sub(r"(?<![*\w])\*([^*\s][^*]*)\*(?![*\w])", r"<em>\1</em>", s)
+    return s
+
+
+def _table_html(lines: list[str]) -> str:
+    def cells(line: str) -> list[str]:
+        parts = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+        return [_inline(p.strip().replace("\\|", "|")) for p in parts]
+
+    head, body = cells(lines[0]), [cells(line) for line in lines[2:]]
+    out = ["<table>", "<tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body]
+    return "\n".join(out + ["</table>"])
+
+
+def to_html(markdown: str, images: dict[str, bytes], title: str) -> str:
+    """The report's markdown subset as one self-contained HTML page, PNGs inlined as data URIs."""
+    out: list[str] = []
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if not line.strip():
+            i += 1
+        elif m := re.match(r"(#{1,4}) (.*)", line):
+            n = len(m.group(1))
+            out.append(f"<h{n}>{_inline(m.group(2))}</h{n}>")
+            i += 1
+        elif m := re.match(r"!\[(.*)\]\((.+)\)\s*$", line):
+            data = images.get(m.group(2))
+            if data is None:
+                out.append(f"<p>[figure {html.escape(m.group(2))} not rendered]</p>")
+            else:
+                uri = "data:image/png;base64," + base64.b64encode(data).decode()
+                out.append(f'<figure><img alt="{html.escape(m.group(1))}" src="{uri}"></figure>')
+            i += 1
+        elif line.startswith("> "):
+            text = line[2:].strip()
+            cls = ' class="banner"' if SYNTHETIC_BANNER in text else ""
+            out.append(f"<div{cls}>{_inline(text)}</div>")
+            i += 1
+        elif line.startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append(lines[i])
+                i += 1
+            out.append(_table_html(block))
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>\n" + "\n".join(items) + "\n</ul>")
+        else:
+            para = []
+            while i < len(lines) and lines[i].strip() and not re.match(r"(#{1,4} |!\[|> |\||- )", lines[i]):
+                para.append(lines[i])
+                i += 1
+            out.append(f"<p>{_inline(' '.join(para))}</p>")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
+        f"<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(out) + "\n</body>\n</html>\n"
+    )
