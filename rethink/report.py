@@ -42,8 +42,9 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
-from rethink import suites
+from rethink import periodic, regularizers, suites
 from rethink.models import DEFAULT_LR, DISPLAY
 from rethink.spec import RunSpec
 from rethink.store import Store, run_key
@@ -139,6 +140,8 @@ def finish_axes(ax, title: str, xlabel: str, ylabel: str, legend: bool = True, *
     ax.set_xlabel(xlabel, fontsize=11)
     ax.set_ylabel(ylabel, fontsize=11)
     ax.grid(True, alpha=0.3)
+    if xlabel in ("epoch", "training step"):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if legend and ax.get_legend_handles_labels()[0] or legend_kw.get("handles"):
         ax.legend(fontsize=9, **legend_kw)
 
@@ -246,9 +249,10 @@ def render_fig1a(ctx: Context) -> Section:
         done = [ctx.results[s.run_id] for s in ctx.finished(specs)]
         steps01 = [r["loss_threshold_steps"].get("0.1") for r in done]
         reached = [v for v in steps01 if v is not None]
+        never = len(steps01) - len(reached)
         rows.append([name, f"{len(done)} of {len(specs)}", _mean_std([r["final_train_loss"] for r in done], 1, 4),
-                     _mean_std(reached, 1, 0) + (f" ({len(steps01) - len(reached)} never)" if
-                                                  len(reached) < len(steps01) else "")])  # fmt: skip
+                     (_mean_std(reached, 1, 0) + f" ({never} of {len(done)} never)" if reached and never
+                      else "never" if never else _mean_std(reached, 1, 0))])  # fmt: skip
     if not any(counts):
         no_data(ax)
     finish_axes(
@@ -293,8 +297,9 @@ def render_fig1bc(ctx: Context) -> Section:
     fig_c, ax_c = new_figure()
     rows, any_hollow, any_points, notes = [], False, False, []
     target = next((s.target_train_acc for s in ctx.specs if s.target_train_acc), suites.TARGET_ACC)
+    points = {m: _fig1bc_points(ctx, m) for m in models}
     for i, model in enumerate(models):
-        pts = _fig1bc_points(ctx, model)
+        pts = points[model]
         base = next((q for q in pts if q["p"] == 0.0), None)
         color, marker = COLORS[i % len(COLORS)], MARKERS[i % len(MARKERS)]
         if pts:
@@ -329,12 +334,13 @@ def render_fig1bc(ctx: Context) -> Section:
     extra = [hollow_handle()] if any_hollow else []
     handles_b = ax_b.get_legend_handles_labels()[0] + extra
     finish_axes(ax_b, "Figure 1b: time to overfit vs label corruption", "label corruption p",
-                f"steps to {100 * target:g}% train accuracy / true labels", handles=handles_b)  # fmt: skip
+                f"relative time to overfit ({100 * target:g}% train acc)", handles=handles_b)  # fmt: skip
+    ax_b.set_ylim(bottom=0)
     ax_c.axhline(0.9, color="gray", ls="--", lw=1)
     ax_c.text(
         0.01, 0.9, "chance (90%)", color="gray", va="bottom", fontsize=9, transform=ax_c.get_yaxis_transform()
     )
-    hollow_c = any(not q["reached"] for m in models for q in _fig1bc_points(ctx, m))
+    hollow_c = any(not q["reached"] for pts in points.values() for q in pts)
     handles_c = ax_c.get_legend_handles_labels()[0] + ([hollow_handle()] if hollow_c else [])
     finish_axes(ax_c, "Figure 1c: test error vs label corruption", "label corruption p",
                 "test error (1 - final test accuracy)", handles=handles_c)  # fmt: skip
@@ -475,6 +481,9 @@ SECTIONS: dict[str, Callable[[Context], Section | None]] = {
     "fig1bc": render_fig1bc,
     "table1": render_table1,
     "fig2b": render_fig2b,
+    "regularizers": regularizers.render,  # rethink/regularizers.py
+    "periodic": periodic.render,  # rethink/periodic.py
+    "periodic-smoke": periodic.render,
 }
 
 
@@ -622,7 +631,7 @@ def aggregate(store: Store, suite: str, o: suites.Options, log=print) -> list[st
     if synthetic:
         head += [f"> **{SYNTHETIC_BANNER}**", ""]
     head += [
-        f"{info.description}. {n_done} of {len(all_specs)} runs finished; generated "
+        f"{info.description[:1].upper() + info.description[1:]}. {n_done} of {len(all_specs)} runs finished; generated "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {store.where()}.",
         "",
         "Reproduction of Zhang, Bengio, Hardt, Recht and Vinyals, *Understanding Deep Learning Requires "
@@ -632,7 +641,7 @@ def aggregate(store: Store, suite: str, o: suites.Options, log=print) -> list[st
     parts = list(head)
     for sec in sections:
         parts += [f"## {sec.title}", ""]
-        parts += [f"![{sec.title}]({name})\n" for name in sec.figures]
+        parts += [f"![{name.rsplit('.', 1)[0]}]({name})\n" for name in sec.figures]
         parts += [sec.body.rstrip(), ""]
     parts += ["## Protocol choices", "", _protocol(all_specs, suites.options_for(info, o)).rstrip(), ""]
     parts += ["## Environment", "", _environment(results).rstrip(), ""]

@@ -1,0 +1,255 @@
+"""Aggregation from fabricated runs: every file of a suite's report, Table 1 next to the paper, the missing,
+failed and synthetic cases, and a self-contained HTML page. No training: results come from train.summarize."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+
+import pytest
+
+from rethink import report, suites
+from rethink.spec import RunSpec
+from rethink.store import LocalStore, run_key
+from rethink.train import summarize
+
+SYNTH = "synthetic-n10000-m2000-s0"
+ENV = {
+    "device": "cpu",
+    "device_name": "x86_64",
+    "torch": "2.x",
+    "python": "3.x",
+    "rethink": "0.1.0",
+    "threads": 2,
+}
+FIGURES = ["fig1a", "fig1b", "fig1c", "fig2b"]
+
+
+def fabricated_test_acc(spec: RunSpec) -> float:
+    """The fabricated final test accuracy: depends on the row and the seed, so means and stds are checkable."""
+    return 0.40 + 0.1 * spec.random_crop + 0.02 * spec.seed - 0.3 * spec.label_noise
+
+
+def fabricate(store: LocalStore, spec: RunSpec, reach: bool = True) -> dict:
+    """Write spec.json, metrics.jsonl and result.json of a run that ends at its cap (or at 100% train acc)."""
+    epochs = spec.epochs
+    metrics = []
+    for e in range(1, epochs + 1):
+        train_acc = 1.0 if reach and e == epochs else 0.5 + 0.1 * e / epochs
+        metrics.append({
+            "epoch": e, "step": 2 * e, "lr": spec.lr * spec.lr_decay ** (e - 1),
+            "train_loss": 2.3 / (e + spec.seed), "train_acc": train_acc, "train_eval_loss": 2.0 / e,
+            "test_loss": 2.2, "test_acc": fabricated_test_acc(spec) - 0.01 * (epochs - e),
+            "epoch_seconds": 1.0, "train_seconds": 0.8, "eval_seconds": 0.2, "images_per_second": 320.0,
+        })  # fmt: skip
+    stopped = "target" if reach and spec.target_train_acc else "cap"
+    kind = "SYNTHETIC data (not CIFAR-10)" if spec.synthetic else "CIFAR-10"
+    result = summarize(spec, metrics, stopped, ENV, f"{kind}: 256 train / 256 test images from ./data")
+    rid = spec.run_id
+    store.write_text(run_key(rid, "spec.json"), json.dumps(spec.to_dict()))
+    store.write_text(run_key(rid, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
+    store.write_text(run_key(rid, "result.json"), json.dumps(result))
+    return result
+
+
+def fill(store: LocalStore, suite: str, o: suites.Options, skip=(), fail=None) -> None:
+    """Fabricate every run of the suite but `skip`; `fail` (run id -> message) get error.json instead."""
+    fail = fail or {}
+    for spec in suites.expand(suite, o):
+        rid = spec.run_id
+        if rid in fail:
+            store.write_text(run_key(rid, "error.json"), json.dumps({"run_id": rid, "error": fail[rid]}))
+        elif rid not in skip:
+            # The random-label runs do not reach 100% train accuracy: they must still show up (hollow, at the cap).
+            fabricate(store, spec, reach=spec.labels != "random")
+
+
+def aggregate(store, suite, o):
+    lines = []
+    keys = report.aggregate(store, suite, o, log=lines.append)
+    return keys, lines
+
+
+def read(store, suite, name) -> str:
+    return store.read_text(f"reports/{suite}/{name}")
+
+
+def table1_rows(store, suite="smoke") -> list[dict]:
+    return list(csv.DictReader(io.StringIO(read(store, suite, "table1.csv"))))
+
+
+def smoke_spec(o, tag: str) -> RunSpec:
+    return next(s for s in suites.expand("smoke", o) if tag in s.tags)
+
+
+O1 = suites.Options(dataset=SYNTH)
+O2 = suites.Options(dataset=SYNTH, seeds=2)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke suite with one Table 1 run missing and one failed."""
+    store = LocalStore(tmp_path_factory.mktemp("store"))
+    missing = smoke_spec(O1, "table1:0")  # Inception, crop and weight decay: in Table 1 only
+    failed = smoke_spec(O1, "table1:9")  # AlexNet, crop, no weight decay
+    fill(
+        store,
+        "smoke",
+        O1,
+        skip={missing.run_id},
+        fail={failed.run_id: "RuntimeError: out of memory on cuda:0"},
+    )
+    keys, lines = aggregate(store, "smoke", O1)
+    return store, keys, lines, missing, failed
+
+
+def test_smoke_report_writes_every_file(smoke):
+    store, keys, lines, *_ = smoke
+    names = {k.removeprefix("reports/smoke/") for k in keys}
+    expected = {f"{f}.{ext}" for f in FIGURES for ext in ("png", "svg")}
+    expected |= {"table1.csv", "table1.md", "report.md", "report.html"}
+    assert names == expected
+    assert len(lines) == len(keys)  # one log line per file
+    for f in FIGURES:
+        assert store.read_bytes(f"reports/smoke/{f}.png")[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<svg" in store.read_bytes(f"reports/smoke/{f}.svg")
+
+
+def test_table1_has_the_papers_numbers_and_ours(smoke):
+    store, *_ = smoke
+    rows = table1_rows(store)
+    assert len(rows) == len(suites.TABLE1_ROWS)
+    assert [float(r["paper_test_acc"]) for r in rows] == [row[5] for row in suites.TABLE1_ROWS]
+    inception_crop_wd = rows[0]
+    assert (
+        float(inception_crop_wd["paper_test_acc"]) == 89.05
+        and float(inception_crop_wd["paper_train_acc"]) == 100
+    )
+    # Row 2: Inception, no crop, weight decay: ours fabricated as 40% test, 100% train.
+    ours = rows[2]
+    assert ours["status"] == "ok" and ours["n_seeds"] == "1"
+    assert float(ours["test_acc"]) == pytest.approx(40.0)
+    assert float(ours["train_acc"]) == pytest.approx(100.0)
+    assert float(ours["test_diff"]) == pytest.approx(40.0 - 86.03)
+    md = read(store, "smoke", "table1.md")
+    assert "89.05" in md and "86.03" in md and "40.00" in md
+
+
+def test_missing_and_failed_runs_are_listed(smoke):
+    store, _, _, missing, failed = smoke
+    rows = table1_rows(store)
+    assert rows[0]["status"] == "missing" and rows[0]["test_acc"] == "" and rows[0]["train_acc"] == ""
+    assert rows[9]["status"] == "failed" and rows[9]["test_acc"] == ""
+    md = read(store, "smoke", "report.md")
+    assert re.search(rf"`{missing.run_id}` \*\*missing\*\*", md)
+    assert re.search(rf"`{failed.run_id}` \*\*failed\*\*.*RuntimeError: out of memory on cuda:0", md)
+    html = read(store, "smoke", "report.html")
+    assert missing.run_id in html and "out of memory on cuda:0" in html
+
+
+def test_unconverged_runs_are_shown_not_dropped(smoke):
+    store, *_ = smoke
+    md = read(store, "smoke", "report.md")
+    section = md.split("## Figure 1b/c")[1].split("\n## ")[0]
+    # Random labels never reached 100% train accuracy here: at p = 1 each model has a row marked as a bound.
+    rows = [line for line in section.splitlines() if re.match(r"\| [^|]+ \| 1 \|", line)]
+    assert len(rows) == len(suites.FIG1BC_MODELS)
+    assert all(">= " in row and "not reached by epoch 2" in row for row in rows)
+
+
+def test_synthetic_banner(smoke, tmp_path):
+    store, *_ = smoke
+    assert report.SYNTHETIC_BANNER in read(store, "smoke", "report.md")
+    assert report.SYNTHETIC_BANNER in read(store, "smoke", "report.html")
+    # CIFAR-10 runs: no banner.
+    real = LocalStore(tmp_path)
+    o = suites.Options(dataset="cifar10")
+    for spec in suites.expand("table1", o)[:3]:
+        fabricate(real, spec)
+    report.aggregate(real, "table1", o, log=lambda m: None)
+    assert "SYNTHETIC" not in read(real, "table1", "report.md")
+    assert "SYNTHETIC" not in read(real, "table1", "report.html")
+
+
+def test_html_is_self_contained(smoke):
+    store, *_ = smoke
+    html = read(store, "smoke", "report.html")
+    assert html.count('src="data:image/png;base64,') == len(FIGURES)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert not re.search(r"url\(\s*['\"]?(https?:)?//", html)
+    assert "<script" not in html and "<link" not in html
+    assert "<table>" in html and "89.05" in html
+
+
+def test_report_lists_protocol_and_environment(smoke):
+    store, *_ = smoke
+    md = read(store, "smoke", "report.md")
+    for needle in ("batch size 128", "weight decay, when on: 0.0005", "random crop", "true labels",
+                   "LRN: size 9", "BatchNorm without scale", "inception 100", "device_name", "2.x"):  # fmt: skip
+        assert needle in md, needle
+
+
+def test_two_seeds_give_mean_and_std(tmp_path):
+    store = LocalStore(tmp_path)
+    fill(store, "smoke", O2)
+    keys, _ = aggregate(store, "smoke", O2)
+    row = table1_rows(store)[2]  # Inception, no crop, weight decay: test 40% (seed 0) and 42% (seed 1)
+    assert row["n_seeds"] == "2" and row["n_expected"] == "2" and row["status"] == "ok"
+    assert float(row["test_acc"]) == pytest.approx(41.0)
+    assert float(row["test_acc_std"]) == pytest.approx(1.4142, abs=1e-3)
+    assert "41.00 ± 1.41" in read(store, "smoke", "table1.md")
+    assert "mean over seeds" in read(store, "smoke", "report.md")
+
+
+def test_table1_suite_renders_only_the_table(tmp_path):
+    store = LocalStore(tmp_path)
+    fill(store, "table1", O1)
+    keys, _ = aggregate(store, "table1", O1)
+    assert {k.removeprefix("reports/table1/") for k in keys} == {
+        "table1.csv",
+        "table1.md",
+        "report.md",
+        "report.html",
+    }
+    assert "data:image/png" not in read(store, "table1", "report.html")
+
+
+def test_nothing_trained_yet_still_renders(tmp_path):
+    store = LocalStore(tmp_path)
+    keys, _ = aggregate(store, "fig1a", O1)
+    assert {k.removeprefix("reports/fig1a/") for k in keys} == {
+        "fig1a.png",
+        "fig1a.svg",
+        "report.md",
+        "report.html",
+    }
+    md = read(store, "fig1a", "report.md")
+    assert md.count("**missing**") == len(suites.FIG1A_MODES)
+
+
+def test_a_new_section_plugs_in(tmp_path, monkeypatch):
+    """Another component's renderer: registered in SECTIONS, it gets its runs and writes its own figure."""
+    seen = {}
+
+    def render(ctx: report.Context) -> report.Section:
+        seen["specs"] = len(ctx.specs)
+        seen["finished"] = len(ctx.finished())
+        fig, ax = report.new_figure()
+        for i, (label, group) in enumerate(ctx.seed_groups().items()):
+            report.plot_curves(ax, ctx.curves(group), "epoch", "test_acc", label, report.COLORS[i])
+        report.finish_axes(ax, "custom", "epoch", "test accuracy")
+        names = ctx.save_figure(fig, "custom")
+        ctx.write_text("custom.csv", "a,b\n")
+        return report.Section("A custom section", "Body with `code`.", names[:1])
+
+    monkeypatch.setitem(report.SECTIONS, "fig2b", render)
+    store = LocalStore(tmp_path)
+    fill(store, "fig2b", O2)
+    keys, _ = aggregate(store, "fig2b", O2)
+    assert seen == {"specs": 4, "finished": 4}
+    assert {k.removeprefix("reports/fig2b/") for k in keys} >= {"custom.png", "custom.svg", "custom.csv"}
+    html = read(store, "fig2b", "report.html")
+    assert "<h2>A custom section</h2>" in html and "<code>code</code>" in html
+    assert html.count("data:image/png;base64,") == 1
