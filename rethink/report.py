@@ -592,7 +592,9 @@ def _status(store, specs, results, metrics, errors) -> tuple[str, dict]:
         state, detail = _state(store, s, results, metrics, errors)
         counts[state] = counts.get(state, 0) + 1
         if state != "finished":
-            lines.append(f"- `{s.run_id}` **{state}**: {s.label()} ({', '.join(s.tags)}): {detail}")
+            lines.append(
+                f"- `{s.run_id}` **{state}**: {s.label()} ({', '.join(s.tags)}): {md_escape(detail)}"
+            )
     summary = ", ".join(f"{n} {st}" for st, n in counts.items())
     if not lines:
         return f"All {len(specs)} runs finished.\n", counts
@@ -675,18 +677,29 @@ code { background: #f3f3f3; padding: 0 3px; }
 """
 
 
+def md_escape(text: str) -> str:
+    """Text shown as is (an error message, say): backslash-escape what the markdown subset would interpret."""
+    return re.sub(r"([\\`*|])", r"\\\1", text.replace("\n", " "))
+
+
 def _inline(text: str) -> str:
-    s = html.escape(text, quote=False)
+    escaped: list[str] = []
+
+    def hold(m) -> str:  # a backslash-escaped character, kept out of the patterns below
+        escaped.append(m.group(1))
+        return f"\x00{len(escaped) - 1}\x00"
+
+    s = html.escape(re.sub(r"\\([!-/:-@\[-`{-~])", hold, text), quote=False)
     s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
     s = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s)
     s = re.sub(r"(?<![*\w])\*([^*\s][^*]*)\*(?![*\w])", r"<em>\1</em>", s)
-    return s
+    return re.sub("\x00(\\d+)\x00", lambda m: html.escape(escaped[int(m.group(1))], quote=False), s)
 
 
 def _table_html(lines: list[str]) -> str:
     def cells(line: str) -> list[str]:
         parts = re.split(r"(?<!\\)\|", line.strip().strip("|"))
-        return [_inline(p.strip().replace("\\|", "|")) for p in parts]
+        return [_inline(p.strip()) for p in parts]
 
     head, body = cells(lines[0]), [cells(line) for line in lines[2:]]
     out = ["<table>", "<tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"]

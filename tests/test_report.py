@@ -99,7 +99,7 @@ def smoke(tmp_path_factory):
         "smoke",
         O1,
         skip={missing.run_id},
-        fail={failed.run_id: "RuntimeError: out of memory on cuda:0"},
+        fail={failed.run_id: "RuntimeError: out of memory on cuda:0 in <*conv*>"},
     )
     keys, lines = aggregate(store, "smoke", O1)
     return store, keys, lines, missing, failed
@@ -146,7 +146,7 @@ def test_missing_and_failed_runs_are_listed(smoke):
     assert re.search(rf"`{missing.run_id}` \*\*missing\*\*", md)
     assert re.search(rf"`{failed.run_id}` \*\*failed\*\*.*RuntimeError: out of memory on cuda:0", md)
     html = read(store, "smoke", "report.html")
-    assert missing.run_id in html and "out of memory on cuda:0" in html
+    assert missing.run_id in html and "out of memory on cuda:0 in &lt;*conv*&gt;" in html  # verbatim
 
 
 def test_unconverged_runs_are_shown_not_dropped(smoke):
