@@ -136,22 +136,24 @@ def new_figure(ncols: int = 1, width: float = 6.4, height: float = 4.4, sharey: 
 
 
 def finish_axes(ax, title: str, xlabel: str, ylabel: str, legend: bool = True, **legend_kw) -> None:
+    """Title, axis labels, a light grid, integer ticks for epochs/steps, and a legend when there is one."""
     ax.set_title(title, fontsize=12)
     ax.set_xlabel(xlabel, fontsize=11)
     ax.set_ylabel(ylabel, fontsize=11)
     ax.grid(True, alpha=0.3)
     if xlabel in ("epoch", "training step"):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if legend and ax.get_legend_handles_labels()[0] or legend_kw.get("handles"):
+    if legend and (ax.get_legend_handles_labels()[0] or legend_kw.get("handles")):
         ax.legend(fontsize=9, **legend_kw)
 
 
 def no_data(ax, what: str = "no finished runs yet") -> None:
+    """Say so inside an empty plot: the figure file is still written, so it never goes stale."""
     ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="gray")
 
 
 def curve_stats(runs: list[list[dict]], x: str, y: str) -> pd.DataFrame:
-    """Per epoch across seeds: mean x, mean/std/min/max of y and the number of seeds still running."""
+    """Per epoch across seeds: mean x, mean and std of y, and n, the number of seeds that reached the epoch."""
     rows = [(m["epoch"], m[x], m[y]) for ms in runs for m in ms]
     if not rows:
         return pd.DataFrame(columns=["epoch", "x", "mean", "std", "n"])
@@ -194,14 +196,11 @@ HOLLOW_NOTE = "hollow: did not reach the target within its epoch cap (plotted at
 
 
 def hollow_handle() -> Line2D:
+    """The legend entry explaining hollow markers."""
     return Line2D([], [], color="gray", marker="o", mfc="white", ls="none", label=HOLLOW_NOTE)
 
 
 # ---------------------------------------------------------------------------------------------- formatting
-
-
-def _pct(v) -> str:
-    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.2f}"
 
 
 def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -226,11 +225,8 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 
 def _seeds_note(n_runs: list[int]) -> str:
-    return (
-        ""
-        if max(n_runs, default=1) <= 1
-        else " Lines are the mean over seeds, bands ± one standard deviation."
-    )
+    several = max(n_runs, default=1) > 1
+    return " Lines are the mean over seeds, bands ± one standard deviation." if several else ""
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -360,6 +356,15 @@ def render_fig1bc(ctx: Context) -> Section:
     return Section("Figure 1b/c: label corruption", body, names)
 
 
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else np.nan
+
+
+def _std(values: list[float]) -> float:
+    """Sample standard deviation; NaN (an empty cell) for fewer than two values."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else np.nan
+
+
 def table1_frame(ctx: Context) -> pd.DataFrame:
     """One row per row of the paper's Table 1: the paper's accuracies next to ours (%, mean and std over seeds)."""
     rows = []
@@ -377,18 +382,12 @@ def table1_frame(ctx: Context) -> pd.DataFrame:
             status = "failed"
         else:
             status = "missing"
-
-        def stat(vals, f):
-            return f(vals) if vals else np.nan
-
         rows.append({
             "row": i, "model": DISPLAY[model], "random_crop": crop, "weight_decay": wd, "labels": labels,
             "paper_train_acc": paper_train, "paper_test_acc": paper_test,
-            "train_acc": stat(train, np.mean), "train_acc_std": stat(train, lambda v: np.std(v, ddof=1)) if
-            len(train) > 1 else np.nan,
-            "test_acc": stat(test, np.mean), "test_acc_std": stat(test, lambda v: np.std(v, ddof=1)) if
-            len(test) > 1 else np.nan,
-            "train_diff": stat(train, np.mean) - paper_train, "test_diff": stat(test, np.mean) - paper_test,
+            "train_acc": _mean(train), "train_acc_std": _std(train),
+            "test_acc": _mean(test), "test_acc_std": _std(test),
+            "train_diff": _mean(train) - paper_train, "test_diff": _mean(test) - paper_test,
             "n_seeds": len(done), "n_expected": len(specs), "status": status,
             "stopped": ", ".join(sorted({r["stopped"] for r in done})),
             "epochs": ", ".join(str(e) for e in sorted({r["epochs"] for r in done})),
