@@ -332,10 +332,7 @@ def render_fig1bc(ctx: Context) -> Section:
     finish_axes(ax_b, "Figure 1b: time to overfit vs label corruption", "label corruption p",
                 f"relative time to overfit ({100 * target:g}% train acc)", handles=handles_b)  # fmt: skip
     ax_b.set_ylim(bottom=0)
-    ax_c.axhline(0.9, color="gray", ls="--", lw=1)
-    ax_c.text(
-        0.01, 0.9, "chance (90%)", color="gray", va="bottom", fontsize=9, transform=ax_c.get_yaxis_transform()
-    )
+    ax_c.axhline(0.9, color="gray", ls="--", lw=1, label="chance (90% error)")
     hollow_c = any(not q["reached"] for pts in points.values() for q in pts)
     handles_c = ax_c.get_legend_handles_labels()[0] + ([hollow_handle()] if hollow_c else [])
     finish_axes(ax_c, "Figure 1c: test error vs label corruption", "label corruption p",
@@ -452,7 +449,7 @@ def render_fig2b(ctx: Context) -> Section:
                          _mean_std([r["best_test_acc"] - r["final_test_acc"] for r in done], 100)])  # fmt: skip
         else:
             no_data(ax)
-        finish_axes(ax, f"Figure 2b: {DISPLAY[model]}", "epoch", "accuracy", loc="lower right")
+        finish_axes(ax, f"Figure 2b: {DISPLAY[model]}", "epoch", "accuracy")
         ax.set_ylim(0, 1.02)
     names = ctx.save_figure(fig, "fig2b")
     body = (
