@@ -258,6 +258,18 @@ def cmd_aggregate(args) -> int:
     return 0
 
 
+def cmd_expressivity(args) -> int:
+    from rethink.expressivity import run_and_report
+
+    return run_and_report(load_data(args), args)
+
+
+def cmd_kernel(args) -> int:
+    from rethink.kernel import run_and_report
+
+    return run_and_report(load_data(args), args)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -343,6 +355,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="./runs", help="where runs live: a directory, file://PATH or s3://bucket/prefix")
     add_data_options(p)
     p.set_defaults(func=cmd_aggregate)
+
+    # Section 4 and 5 of the paper: handlers in rethink/expressivity.py and rethink/kernel.py.
+    p = _parser(sub, "expressivity", "build Theorem 1's two-layer ReLU network with 2n + d weights that fits n "
+                "training images, and report its parameter count, accuracies and conditioning")
+    p.add_argument("--n", type=int, default=2000, help="number of training images to fit (the first N)")
+    p.add_argument("--labels", choices=("true", "random"), default="random", help="labels to fit")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random labels and the projection direction")
+    p.add_argument("--bias-position", type=float, default=0.1,
+                   help="where each bias sits in the gap between sorted projections (0..1; above 0.5 the weights "
+                        "grow geometrically)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--store", default=None, help="also write reports/expressivity/expressivity.{json,md} there")
+    add_data_options(p)
+    p.set_defaults(func=cmd_expressivity)
+
+    p = _parser(sub, "kernel", "minimum-norm kernel interpolation K alpha = Y (Gaussian kernel on pixels, or random "
+                "convolutional features); report errors and norms beside the paper's")
+    p.add_argument("--features", nargs="+", choices=("gaussian", "random-conv"), default=["gaussian", "random-conv"],
+                   help="kernels to run (one or both)")
+    p.add_argument("--n-train", type=int, default=2000, help="training images (the first N; 50000: all, GPU-sized)")
+    p.add_argument("--n-test", type=int, default=1000, help="test images (the first M)")
+    p.add_argument("--filters", type=int, default=1024, help="random 5x5x3 filters for random-conv (paper: 32000)")
+    p.add_argument("--l2", type=float, nargs="+", default=[0.0], help="l2 regularization strengths, one row each")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="kernel and solve precision")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random filters and the bandwidth sample")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--store", default="./runs", help="where reports/kernel/kernel.{csv,md,png} are written")
+    add_data_options(p)
+    p.set_defaults(func=cmd_kernel)
 
     return parser
 
