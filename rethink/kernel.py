@@ -150,10 +150,9 @@ def fit_and_score(k_train, k_test, y_train, y_test, l2: float) -> dict:
     fitted = k_train @ alpha
     residual = float((fitted + l2 * alpha - y).norm() / y.norm())
     norm = math.sqrt(max(float((alpha * fitted).sum()), 0.0))
-    test_err = float((k_test @ alpha).argmax(1).ne(y_test).double().mean()) if len(y_test) else math.nan
     return {
         "train_error_pct": 100 * float(fitted.argmax(1).ne(y_train).double().mean()),
-        "test_error_pct": 100 * test_err,
+        "test_error_pct": 100 * float((k_test @ alpha).argmax(1).ne(y_test).double().mean()),
         "norm": norm,
         "residual": residual,
         "solver": how,
@@ -209,9 +208,9 @@ def run_kernel(
     bad = [f for f in features if f not in FEATURES]
     if bad:
         raise UserError(f"unknown --features {bad[0]!r}: use {' or '.join(FEATURES)}")
-    if not 1 <= n_train <= len(data.train_y) or not 0 <= n_test <= len(data.test_y):
+    if not 1 <= n_train <= len(data.train_y) or not 1 <= n_test <= len(data.test_y):
         raise UserError(
-            f"--n-train must be 1..{len(data.train_y)} and --n-test 0..{len(data.test_y)} for {data.path}; "
+            f"--n-train must be 1..{len(data.train_y)} and --n-test 1..{len(data.test_y)} for {data.path}; "
             f"got {n_train} and {n_test}"
         )
     if any(not (lam >= 0 and math.isfinite(lam)) for lam in l2s):
