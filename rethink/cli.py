@@ -171,12 +171,14 @@ def add_suite_options(p: argparse.ArgumentParser, required: bool = True) -> None
     p.add_argument("--epochs", type=int, default=None,
                    help="cap every run at this many epochs (default: the per-model caps, 100 epochs each; "
                         "smoke: 2)")  # fmt: skip
+    p.add_argument("--smoke", action="store_true",
+                   help="size any suite like the smoke suite: 256 train / 256 test images, 2 epochs unless --epochs")  # fmt: skip
 
 
 def suite_options(args):
     from rethink.suites import Options
 
-    return Options(dataset=dataset_of(args), seeds=args.seeds, epochs=args.epochs)
+    return Options(dataset=dataset_of(args), seeds=args.seeds, epochs=args.epochs, smoke=getattr(args, "smoke", False))
 
 
 def suite_specs(args):
@@ -321,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default=None, help="train run number --index of this suite (as cluster pods do)")
     p.add_argument("--index", type=int, default=None, help="index into the suite's runs (see rethink plan)")
     p.add_argument("--seeds", type=int, default=1, help="with --suite: the suite's number of seeds")
+    p.add_argument("--smoke", action="store_true", help="with --suite: the suite in smoke sizing (see rethink run)")
     add_data_options(p)
     add_exec_options(p)
     p.set_defaults(func=cmd_train)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from rethink.errors import UserError
 from rethink.models import MODELS
+from rethink.periodic import periodic, periodic_smoke
+from rethink.regularizers import regularizers
 from rethink.spec import RunSpec
 
 # Epoch caps per model [choice]: the paper trains "until convergence"; with the learning rate x0.95 per epoch,
@@ -57,6 +59,7 @@ class Options:
     caps: dict = field(default_factory=dict)  # per-model cap overrides
     train_subset: int | None = None
     test_subset: int | None = None
+    smoke: bool = False  # apply the smoke sizing (SMOKE) to any suite, as the `smoke` suite does (--smoke)
 
     def cap(self, model: str) -> int:
         return self.epochs or self.caps.get(model) or EPOCH_CAPS[model]
@@ -126,6 +129,9 @@ COMPONENTS: dict[str, Callable[[Options], list[RunSpec]]] = {
     "fig1bc": fig1bc,
     "table1": table1,
     "fig2b": fig2b,
+    "regularizers": regularizers,
+    "periodic": periodic,
+    "periodic-smoke": periodic_smoke,
 }
 PAPER_COMPONENTS = ["fig1a", "fig1bc", "table1", "fig2b"]
 
@@ -148,9 +154,15 @@ SUITES: dict[str, Suite] = {
         Suite("fig1bc", "Figure 1b/c: time to overfit and test error against label corruption", ("fig1bc",)),
         Suite("table1", "Table 1: train/test accuracy with and without random crop and weight decay", ("table1",)),
         Suite("fig2b", "Figure 2b: learning curves of Small Inception with and without BatchNorm", ("fig2b",)),
-        Suite("full", "everything above, each shared run trained once", tuple(PAPER_COMPONENTS)),
+        Suite("regularizers", "weight decay, random crop, dropout, all three or none; true and random labels "
+              "(Inception, AlexNet, MLP 1x512)", ("regularizers",)),
+        Suite("full", "everything above, each shared run trained once", (*PAPER_COMPONENTS, "regularizers")),
         Suite("smoke", "every figure and table path on a 256-image subset for 2 epochs (minutes on a CPU)",
               tuple(PAPER_COMPONENTS), smoke=True),
+        Suite("periodic", "Lobacheva et al.: BatchNorm + weight decay at a constant lr, 1000 epochs; separate from "
+              "full because of its cost", ("periodic",), in_full=False),
+        Suite("periodic-smoke", "periodic on 128 images with a 10^4x larger lr*wd: destabilizations in minutes on a "
+              "CPU", ("periodic-smoke",), in_full=False),
     ]
 }  # fmt: skip
 
@@ -168,10 +180,10 @@ def get_suite(name: str) -> Suite:
 
 
 def options_for(suite: Suite, o: Options) -> Options:
-    if suite.smoke:
+    if suite.smoke or o.smoke:
         return Options(dataset=o.dataset, seeds=o.seeds, epochs=o.epochs or SMOKE["epochs"], caps=o.caps,
                        train_subset=o.train_subset or SMOKE["train_subset"],
-                       test_subset=o.test_subset or SMOKE["test_subset"])  # fmt: skip
+                       test_subset=o.test_subset or SMOKE["test_subset"], smoke=True)  # fmt: skip
     return o
 
 
