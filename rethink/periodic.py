@@ -190,12 +190,13 @@ def figure(runs: list[tuple[str, list[dict], Spikes]], title: str = ""):
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]
     for r, (label, metrics, spikes) in enumerate(runs):
         color = colors[r % len(colors)]
+        mark = "tab:red" if len(runs) == 1 else color
         epochs = [m["epoch"] for m in metrics]
         for ax, (key, _, _) in zip(axes, PANELS):
             ax.plot(epochs, [m.get(key, math.nan) for m in metrics], lw=1.0, color=color,
                     label=f"{label}: {spikes.describe()}")  # fmt: skip
             for e in spikes.epochs:
-                ax.axvline(e, color=color, lw=0.8, ls="--", alpha=0.6)
+                ax.axvline(e, color=mark, lw=0.8, ls="--", alpha=0.6)
     for ax, (_, ylabel, scale) in zip(axes, PANELS):
         ax.set_yscale(scale)
         ax.set_ylabel(ylabel, fontsize=9)
@@ -205,7 +206,13 @@ def figure(runs: list[tuple[str, list[dict], Spikes]], title: str = ""):
             0.5, 0.5, "no runs with metrics yet", ha="center", va="center", transform=axes[0].transAxes
         )
     else:
-        axes[0].legend(fontsize=8, loc="upper right")
+        from matplotlib.lines import Line2D
+
+        handles = axes[0].get_legend_handles_labels()[0] if len(runs) > 1 else []
+        handles.append(
+            Line2D([], [], color="tab:red" if len(runs) == 1 else "gray", ls="--", label="detected spike")
+        )
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=8)
     axes[-1].set_xlabel("epoch")
     if title:
         fig.suptitle(title, fontsize=11)
