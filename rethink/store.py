@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,11 +81,16 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / key
 
+    def _error(self, what: str, e: OSError) -> StoreError:
+        return StoreError(f"cannot {what} in store {self.url}: {e.strerror or e} ({e.filename or self.url})")
+
     def read_bytes(self, key):
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise self._error(f"read {key}", e) from None
 
     def write_bytes(self, key, data):
         path = self._path(key)
@@ -92,16 +98,20 @@ class LocalStore(Store):
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         except OSError as e:
-            raise StoreError(f"cannot write to store {self.url}: {e.strerror} ({e.filename})") from None
+            raise self._error(f"write {key}", e) from None
         try:
             with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600; others may need to read results
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise self._error(f"write {key}", e) from None
             raise
+        _fsync_dir(path.parent)
 
     def exists(self, key):
         return self._path(key).exists()
@@ -117,11 +127,33 @@ class LocalStore(Store):
         )
 
     def delete(self, key):
-        self._path(key).unlink(missing_ok=True)
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            raise self._error(f"delete {key}", e) from None
 
-    def copy(self, src, dst):
-        # A rename-free copy keeps `src` intact if we die halfway.
-        super().copy(src, dst)
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would have given the file
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (best effort: not every file system lets a directory be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class S3Store(Store):
@@ -131,9 +163,10 @@ class S3Store(Store):
     exponential backoff for up to `retry_seconds` (RETHINK_S3_RETRY_SECONDS, default 120), then reported.
     """
 
-    _FATAL = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "NoSuchBucket", "InvalidBucketName"}
+    _CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
+    _RETRIED_STATUS = {408, 429}  # and every 5xx
 
-    def __init__(self, url: str, retry_seconds: float | None = None):
+    def __init__(self, url: str, retry_seconds: float | None = None, log=None):
         import boto3
         from botocore.config import Config
 
@@ -144,26 +177,37 @@ class S3Store(Store):
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         if retry_seconds is None:
-            retry_seconds = float(os.environ.get("RETHINK_S3_RETRY_SECONDS", "120"))
-        self.retry_seconds = retry_seconds
-        # botocore retries a few times itself; we add a longer, bounded loop for outages.
+            raw = os.environ.get("RETHINK_S3_RETRY_SECONDS", "120")
+            try:
+                retry_seconds = float(raw)
+            except ValueError:
+                raise UserError(f"RETHINK_S3_RETRY_SECONDS={raw!r} is not a number of seconds") from None
+        self.retry_seconds = max(0.0, retry_seconds)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        # All retrying happens in _call (one policy, with a deadline); botocore makes one attempt. A hung server
+        # must not hold an attempt for a large part of the budget, hence timeouts well inside it.
         config = Config(
-            retries={"max_attempts": 2, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=60,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=min(5.0, max(1.0, self.retry_seconds / 6)),
+            read_timeout=min(60.0, max(1.0, self.retry_seconds / 6)),
             s3={"addressing_style": "path"},
         )
-        self.client = boto3.session.Session().client("s3", config=config)
+        try:
+            self.client = boto3.session.Session().client("s3", config=config)
+        except Exception as e:  # a malformed AWS_ENDPOINT_URL, an unknown profile, ...
+            raise StoreError(f"cannot set up an S3 client for {self.url}: {e}") from None
         self.endpoint = self.client.meta.endpoint_url
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _call(self, what: str, fn, *args, **kwargs):
+        """fn(*args, **kwargs), retried on transient errors; a missing key is re-raised as ClientError."""
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-        deadline = time.monotonic() + self.retry_seconds
+        start = time.monotonic()
         delay = 0.2
+        warned = False
         while True:
             try:
                 return fn(*args, **kwargs)
@@ -176,28 +220,49 @@ class S3Store(Store):
                 status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
                 if code in ("NoSuchKey", "404", "NotFound"):
                     raise
-                if code in self._FATAL or status in (400, 403):
+                if code in self._CREDENTIALS:
                     raise StoreError(
-                        f"S3 refused {what} on {self.url} at {self.endpoint} ({code or status}): "
-                        "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and that the bucket exists"
+                        f"S3 at {self.endpoint} rejected the credentials for {what} on {self.url} ({code}): "
+                        "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                    ) from None
+                if code == "NoSuchBucket":
+                    raise StoreError(
+                        f"bucket {self.bucket!r} does not exist at {self.endpoint}: create it, or fix the store URL"
+                    ) from None
+                if 400 <= status < 500 and status not in self._RETRIED_STATUS:
+                    message = e.response.get("Error", {}).get("Message", "")
+                    raise StoreError(
+                        f"S3 at {self.endpoint} refused {what} on {self.url} ({code or status}"
+                        f"{': ' + message if message else ''}): check the bucket name and that the credentials "
+                        "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) may use it"
                     ) from None
                 err = f"{code or status}"
-            except BotoCoreError as e:
+            except (BotoCoreError, OSError) as e:
                 err = f"{type(e).__name__}: {e}"
-            if time.monotonic() + delay > deadline:
+            elapsed = time.monotonic() - start
+            if elapsed >= self.retry_seconds:
                 raise StoreError(
-                    f"S3 at {self.endpoint} unreachable for {what} on {self.url} after {self.retry_seconds:.0f}s "
-                    f"of retries ({err}); the last good checkpoint is intact, rerun to resume"
+                    f"S3 at {self.endpoint} unreachable for {what} on {self.url}: gave up after {elapsed:.0f}s "
+                    f"of retries ({err}); what is stored there (the last good checkpoint included) is intact: "
+                    "rerun to resume once S3 answers"
                 ) from None
-            time.sleep(delay * (0.5 + random.random()))
+            if not warned:
+                self.log(f"warning: S3 {what} on {self.url} failed ({err}); retrying for up to "
+                         f"{self.retry_seconds:.0f}s")  # fmt: skip
+                warned = True
+            # One last try right at the deadline, rather than giving up early.
+            time.sleep(min(delay * (0.5 + random.random()), self.retry_seconds - elapsed))
             delay = min(delay * 2, 10.0)
 
     def read_bytes(self, key):
         from botocore.exceptions import ClientError
 
+        def get():
+            # The body is read inside the retried call: a connection lost mid-download is transient too.
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
         try:
-            resp = self._call(f"GET {key}", self.client.get_object, Bucket=self.bucket, Key=self._key(key))
-            return resp["Body"].read()
+            return self._call(f"GET {key}", get)
         except ClientError:
             return None
 
