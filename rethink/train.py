@@ -163,29 +163,36 @@ def scale_invariant_weights(model: nn.Module) -> list[nn.Parameter]:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def _load_checkpoint(store: Store, spec: RunSpec, device: torch.device, log) -> dict | None:
-    """The newest loadable checkpoint of this run, falling back to the previous one, else None."""
+def _load_checkpoint(store: Store, run_id: str, restore, log) -> tuple[dict | None, bool]:
+    """The newest checkpoint of this run that `restore` accepts, falling back to the previous one.
+
+    `restore(ckpt)` applies a checkpoint to the run's state and raises if it does not fit. Returns the
+    checkpoint (None: start over) and whether checkpoint.pt itself was usable: only then may the next save
+    rotate it into checkpoint.prev.pt, so a damaged file never replaces the good one before it.
+    """
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
-        blob = store.read_bytes(run_key(spec.run_id, name))
+        blob = store.read_bytes(run_key(run_id, name))
         if blob is None:
             continue
         try:
-            ckpt = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
+            ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
             if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError("not a rethink checkpoint")
-            if ckpt.get("run_id") != spec.run_id:
+            if ckpt.get("run_id") != run_id:
                 raise ValueError(f"it belongs to run {ckpt.get('run_id')}")
-            return ckpt
+            restore(ckpt)
+            return ckpt, name == "checkpoint.pt"
         except Exception as e:
-            log(f"warning: ignoring unusable {store.where(run_key(spec.run_id, name))}: {type(e).__name__}: {e}")
-    return None
+            log(f"warning: ignoring unusable {store.where(run_key(run_id, name))}: {type(e).__name__}: {e}")
+    return None, False
 
 
-def _save_checkpoint(store: Store, run_id: str, state: dict) -> None:
+def _save_checkpoint(store: Store, run_id: str, state: dict, rotate: bool = True) -> None:
+    """Write checkpoint.pt, first keeping the current one (when `rotate`) as checkpoint.prev.pt."""
     buf = io.BytesIO()
     torch.save(state, buf)
     key = run_key(run_id, "checkpoint.pt")
-    if store.exists(key):
+    if rotate and store.exists(key):
         store.copy(key, run_key(run_id, "checkpoint.prev.pt"))
     store.write_bytes(key, buf.getvalue())
 
@@ -194,9 +201,19 @@ def _write_metrics(store: Store, run_id: str, metrics: list[dict]) -> None:
     store.write_text(run_key(run_id, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
 
 
-def read_result(store: Store, run_id: str) -> dict | None:
-    text = store.read_text(run_key(run_id, "result.json"))
-    return None if text is None else json.loads(text)
+def read_result(store: Store, run_id: str, log=None) -> dict | None:
+    """The run's result record; None while it has not finished, or when result.json is damaged (logged)."""
+    key = run_key(run_id, "result.json")
+    try:
+        text = store.read_text(key)
+        result = None if text is None else json.loads(text)
+        if result is not None and not isinstance(result, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # only damage from outside can do this (writes are atomic): finish the run again
+        if log is not None:
+            log(f"warning: ignoring unreadable {store.where(key)} ({e}); the run will be finished again")
+        return None
+    return result
 
 
 def read_metrics(store: Store, run_id: str) -> list[dict]:
@@ -269,10 +286,16 @@ def summarize(spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data_
 
 def train_run(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions | None = None) -> dict:
     """Train `spec` to its end in `store`, resuming from its checkpoint; returns the result record."""
-    opts = opts or ExecOptions()
+    # SIGTERM is caught from the start: one arriving while the data loads still stops the run cleanly
+    # (at its first step boundary) instead of killing it.
+    with _SigtermFlag() as sigterm:
+        return _train(spec, store, data, opts or ExecOptions(), sigterm)
+
+
+def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigterm: _SigtermFlag) -> dict:
     log = opts.log
     run_id = spec.run_id
-    done = read_result(store, run_id)
+    done = read_result(store, run_id, log)
     if done is not None:
         log(f"run {run_id} ({spec.label()}) is already finished: {store.where(run_key(run_id, 'result.json'))}")
         return done
@@ -302,6 +325,9 @@ def train_run(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions | No
         )
         return model, optimizer
 
+    n = dd.n_train
+    bs = spec.batch_size
+    n_batches = math.ceil(n / bs)
     model, optimizer = fresh()
     metrics: list[dict] = []
     epoch, batch_start, step = 0, 0, 0
@@ -309,30 +335,42 @@ def train_run(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions | No
     grad_sq_sum = torch.zeros((), device=device, dtype=torch.float64)
     elapsed_in_epoch = 0.0
     rng_state = None
-    ckpt = _load_checkpoint(store, spec, device, log)
-    if ckpt is not None:
+
+    def restore(ckpt: dict) -> None:
+        """Take over a checkpoint's state, or raise (leaving a fresh model) when it does not fit this run."""
+        nonlocal model, optimizer, metrics, epoch, batch_start, step, loss_sum, grad_sq_sum
+        nonlocal elapsed_in_epoch, rng_state
+        if ckpt["spec"] != spec.canonical_json():
+            raise ValueError("it was written for a different spec")
+        c_epoch, c_batch, c_step = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["step"])
+        c_metrics = json.loads(ckpt["metrics"])
+        if not (0 <= c_epoch < spec.epochs and 0 <= c_batch <= n_batches and len(c_metrics) == c_epoch
+                and c_step == c_epoch * n_batches + c_batch):  # fmt: skip
+            raise ValueError(f"inconsistent position (epoch {c_epoch}, batch {c_batch}, step {c_step})")
+        rng = ckpt["rng"]
+        if rng["torch"].dtype != torch.uint8 or rng["torch"].numel() != torch.get_rng_state().numel():
+            raise ValueError("bad random number generator state")
+        c_loss_sum = ckpt["loss_sum"].to(device=device, dtype=torch.float64).reshape(())
+        c_grad_sq_sum = ckpt["grad_sq_sum"].to(device=device, dtype=torch.float64).reshape(())
+        c_elapsed = float(ckpt["elapsed_in_epoch"])
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-        except Exception as e:  # wrong architecture or a damaged but unpicklable-looking file: start over
-            log(f"warning: checkpoint of {run_id} does not fit the model ({type(e).__name__}); starting over")
-            model, optimizer = fresh()
-            ckpt = None
+        except Exception:
+            model, optimizer = fresh()  # the failed load may have changed some weights already
+            raise
+        metrics, epoch, batch_start, step = c_metrics, c_epoch, c_batch, c_step
+        loss_sum, grad_sq_sum, elapsed_in_epoch, rng_state = c_loss_sum, c_grad_sq_sum, c_elapsed, rng
+
+    ckpt, rotate = _load_checkpoint(store, run_id, restore, log)
     if ckpt is not None:
-        epoch, batch_start, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
-        metrics = json.loads(ckpt["metrics"])
-        loss_sum = ckpt["loss_sum"].to(device)
-        grad_sq_sum = ckpt["grad_sq_sum"].to(device)
-        elapsed_in_epoch = ckpt["elapsed_in_epoch"]
-        rng_state = ckpt["rng"]
         log(f"run {run_id}: resuming at epoch {epoch + 1}, batch {batch_start} (step {step})")
+    elif store.exists(run_key(run_id, "checkpoint.pt")) or store.exists(run_key(run_id, "checkpoint.prev.pt")):
+        log(f"run {run_id}: no usable checkpoint; starting over")
     _write_metrics(store, run_id, metrics)  # drop any line written after the checkpoint we resume from
     tracked = scale_invariant_weights(model) if spec.track_norms else []
     compiled = torch.compile(model) if opts.compile else model
 
-    n = dd.n_train
-    bs = spec.batch_size
-    n_batches = math.ceil(n / bs)
     eval_batch = opts.eval_batch or (4096 if device.type == "cuda" else 1000)
     stopped = "cap"
     progress = opts.progress if opts.progress is not None else sys.stderr.isatty()
@@ -359,107 +397,111 @@ def train_run(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions | No
             "metrics": json.dumps(metrics),
         }
 
-    with _SigtermFlag() as sigterm:
-        while epoch < spec.epochs:
-            lr = spec.lr * spec.lr_decay**epoch
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            g = torch.Generator(device=device)
-            g.manual_seed(epoch_seed(spec.seed, epoch))
-            perm = torch.randperm(n, generator=g, device=device)
-            offsets = random_offsets(n, g, device) if spec.random_crop else None
-            if batch_start > 0 and rng_state is not None:  # mid-epoch resume: continue the dropout stream
-                torch.set_rng_state(rng_state["torch"].cpu())
-                if "cuda" in rng_state:
-                    torch.cuda.set_rng_state(rng_state["cuda"].cpu(), device)
-            else:
-                torch.manual_seed(epoch_seed(spec.seed, epoch) + 1)
-            rng_state = None
-            t0 = time.perf_counter()
-            last_ckpt = t0
-            compiled.train()
-            bar = None
-            if progress:
-                from tqdm import tqdm
+    def save(batch: int, t_epoch: float) -> None:
+        nonlocal rotate
+        _save_checkpoint(store, run_id, state(batch, t_epoch), rotate)
+        rotate = True  # what we just wrote is good
 
-                bar = tqdm(total=n_batches, initial=batch_start, desc=f"epoch {epoch + 1}/{spec.epochs}",
-                           leave=False, file=sys.stderr)  # fmt: skip
-            for b in range(batch_start, n_batches):
-                idx = perm[b * bs : (b + 1) * bs]
-                if offsets is not None:
-                    x = preprocess(dd.train_raw[idx], offsets[idx])
-                else:
-                    x = dd.train_pre[idx]
-                if use_cl:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = compiled(x)
-                loss = F.cross_entropy(out.float(), dd.train_y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tracked:
-                    grad_sq_sum += sum(w.grad.double().pow(2).sum() for w in tracked)
-                optimizer.step()
-                loss_sum += loss.detach().double()
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                now = time.perf_counter()
-                if sigterm.set:
-                    if bar is not None:
-                        bar.close()
-                    _save_checkpoint(store, run_id, state(b + 1, elapsed_in_epoch + now - t0))
-                    raise Preempted(f"run {run_id}: SIGTERM; checkpoint written at step {step}, exiting 143")
-                if b + 1 < n_batches and now - last_ckpt > 60 * opts.checkpoint_minutes:
-                    _save_checkpoint(store, run_id, state(b + 1, elapsed_in_epoch + now - t0))
-                    last_ckpt = now
+    while epoch < spec.epochs:
+        lr = spec.lr * spec.lr_decay**epoch
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        g = torch.Generator(device=device)
+        g.manual_seed(epoch_seed(spec.seed, epoch))
+        perm = torch.randperm(n, generator=g, device=device)
+        offsets = random_offsets(n, g, device) if spec.random_crop else None
+        if batch_start > 0 and rng_state is not None:  # mid-epoch resume: continue the dropout stream
+            torch.set_rng_state(rng_state["torch"].cpu())
+            if "cuda" in rng_state:
+                torch.cuda.set_rng_state(rng_state["cuda"].cpu(), device)
+        else:
+            torch.manual_seed(epoch_seed(spec.seed, epoch) + 1)
+        rng_state = None
+        t0 = time.perf_counter()
+        last_ckpt = t0
+        compiled.train()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_batches, initial=batch_start, desc=f"epoch {epoch + 1}/{spec.epochs}",
+                       leave=False, file=sys.stderr)  # fmt: skip
+        for b in range(batch_start, n_batches):
+            idx = perm[b * bs : (b + 1) * bs]
+            if offsets is not None:
+                x = preprocess(dd.train_raw[idx], offsets[idx])
+            else:
+                x = dd.train_pre[idx]
+            if use_cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = compiled(x)
+            loss = F.cross_entropy(out.float(), dd.train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tracked:
+                grad_sq_sum += sum(w.grad.double().pow(2).sum() for w in tracked)
+            optimizer.step()
+            loss_sum += loss.detach().double()
+            step += 1
             if bar is not None:
-                bar.close()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t_train = time.perf_counter() - t0 + elapsed_in_epoch
-            batches_run = n_batches
-            tl, tc = evaluate(compiled, dd.train_pre, dd.train_y, eval_batch, amp, use_cl)
-            vl, vc = evaluate(compiled, dd.test_pre, dd.test_y, eval_batch, amp, use_cl)
-            extra = []
-            if tracked:
-                wsq = sum(w.detach().double().pow(2).sum() for w in tracked)
-                extra = [wsq, grad_sq_sum / batches_run]
-            vals = torch.stack([loss_sum / batches_run, tl, tc.double(), vl, vc.double(), *extra]).tolist()
-            t_epoch = time.perf_counter() - t0 + elapsed_in_epoch
-            epoch += 1
-            m = {
-                "epoch": epoch,
-                "step": step,
-                "lr": lr,
-                "train_loss": vals[0],
-                "train_acc": vals[2] / n,
-                "train_eval_loss": vals[1] / n,
-                "test_loss": vals[3] / dd.test_y.shape[0],
-                "test_acc": vals[4] / dd.test_y.shape[0],
-                "epoch_seconds": t_epoch,
-                "train_seconds": t_train,
-                "eval_seconds": t_epoch - t_train,
-                "images_per_second": n / max(t_train, 1e-9),
-            }
-            if tracked:
-                m["weight_norm"] = math.sqrt(vals[5])
-                m["effective_lr"] = lr / vals[5] if vals[5] > 0 else float("inf")
-                m["grad_norm"] = math.sqrt(vals[6])
-            metrics.append(m)
-            batch_start, elapsed_in_epoch = 0, 0.0
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            grad_sq_sum = torch.zeros((), device=device, dtype=torch.float64)
-            log(f"run {run_id} epoch {epoch}/{spec.epochs}: loss {m['train_loss']:.4f} train acc "
-                f"{m['train_acc']:.4f} test acc {m['test_acc']:.4f} ({m['images_per_second']:.0f} img/s)")  # fmt: skip
-            _write_metrics(store, run_id, metrics)
-            if not math.isfinite(m["train_loss"]):
-                stopped = "diverged"
-            elif spec.target_train_acc is not None and m["train_acc"] >= spec.target_train_acc:
-                stopped = "target"
-            if stopped != "cap" or epoch == spec.epochs:
-                break
-            _save_checkpoint(store, run_id, state(0, 0.0))
+                bar.update(1)
+            now = time.perf_counter()
+            if sigterm.set:
+                if bar is not None:
+                    bar.close()
+                save(b + 1, elapsed_in_epoch + now - t0)
+                raise Preempted(f"run {run_id}: SIGTERM; checkpoint written at step {step}, exiting 143")
+            if b + 1 < n_batches and now - last_ckpt > 60 * opts.checkpoint_minutes:
+                save(b + 1, elapsed_in_epoch + now - t0)
+                last_ckpt = now
+        if bar is not None:
+            bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t_train = time.perf_counter() - t0 + elapsed_in_epoch
+        batches_run = n_batches
+        tl, tc = evaluate(compiled, dd.train_pre, dd.train_y, eval_batch, amp, use_cl)
+        vl, vc = evaluate(compiled, dd.test_pre, dd.test_y, eval_batch, amp, use_cl)
+        extra = []
+        if tracked:
+            wsq = sum(w.detach().double().pow(2).sum() for w in tracked)
+            extra = [wsq, grad_sq_sum / batches_run]
+        vals = torch.stack([loss_sum / batches_run, tl, tc.double(), vl, vc.double(), *extra]).tolist()
+        t_epoch = time.perf_counter() - t0 + elapsed_in_epoch
+        epoch += 1
+        m = {
+            "epoch": epoch,
+            "step": step,
+            "lr": lr,
+            "train_loss": vals[0],
+            "train_acc": vals[2] / n,
+            "train_eval_loss": vals[1] / n,
+            "test_loss": vals[3] / dd.test_y.shape[0],
+            "test_acc": vals[4] / dd.test_y.shape[0],
+            "epoch_seconds": t_epoch,
+            "train_seconds": t_train,
+            "eval_seconds": t_epoch - t_train,
+            "images_per_second": n / max(t_train, 1e-9),
+        }
+        if tracked:
+            m["weight_norm"] = math.sqrt(vals[5])
+            m["effective_lr"] = lr / vals[5] if vals[5] > 0 else float("inf")
+            m["grad_norm"] = math.sqrt(vals[6])
+        metrics.append(m)
+        batch_start, elapsed_in_epoch = 0, 0.0
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        grad_sq_sum = torch.zeros((), device=device, dtype=torch.float64)
+        log(f"run {run_id} epoch {epoch}/{spec.epochs}: loss {m['train_loss']:.4f} train acc "
+            f"{m['train_acc']:.4f} test acc {m['test_acc']:.4f} ({m['images_per_second']:.0f} img/s)")  # fmt: skip
+        _write_metrics(store, run_id, metrics)
+        if not math.isfinite(m["train_loss"]):
+            stopped = "diverged"
+        elif spec.target_train_acc is not None and m["train_acc"] >= spec.target_train_acc:
+            stopped = "target"
+        if stopped != "cap" or epoch == spec.epochs:
+            break
+        save(0, 0.0)
 
     result = summarize(spec, metrics, stopped, env, data.description)
     store.write_text(run_key(run_id, "result.json"), json.dumps(result, indent=2) + "\n")

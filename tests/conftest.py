@@ -60,6 +60,27 @@ def rethink_cmd() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def one_thread_env() -> dict[str, str]:
+    """The environment for a `rethink` subprocess computing with one CPU thread, like `one_thread` here."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one CPU thread in this process while a module runs.
+
+    Runs compared number for number must use the same thread count; one thread is also the fastest on a
+    small machine shared with other work (spinning thread pools fight over the cores).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
 def without_timing():
     """A function dropping the timing fields (which legitimately differ between runs) from metrics records."""
 

@@ -1,0 +1,344 @@
+"""The resumable trainer: killed at any moment and started again, a run ends with the metrics of an uninterrupted one.
+
+Runs are tiny (MLP 1x512 on 600 synthetic images, CPU). Comparisons cover every metric except the timing fields.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rethink.cli import main
+from rethink.data import load_cifar10
+from rethink.spec import RunSpec
+from rethink.store import LocalStore, run_key
+from rethink.train import ExecOptions, Preempted, read_metrics, read_result, train_run
+
+BASE = ["--model", "mlp-1x512", "--batch-size", "32", "--epochs", "3", "--device", "cpu"]
+REGULARIZED = ["--model", "mlp-1x512", "--batch-size", "48", "--epochs", "3", "--device", "cpu",
+               "--dropout", "0.3", "--random-crop", "--labels", "partial:0.4"]  # fmt: skip
+FAST_CHECKPOINTS = ["--checkpoint-minutes", "0.003"]  # mid-epoch checkpoints every ~0.2 s
+
+
+def _train_cmd(rethink_cmd, data_dir, store, args) -> list[str]:
+    return [*rethink_cmd, "train", *args, "--data-dir", str(data_dir), "--store", str(store)]
+
+
+def _run(cmd, env) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _run_dir(store: Path) -> Path:
+    (run,) = (store / "runs").iterdir()
+    return run
+
+
+def _metrics(store: Path) -> list[dict]:
+    return [json.loads(line) for line in (_run_dir(store) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, train_data_dir, one_thread):
+    """Uninterrupted runs (no mid-epoch checkpoints), keyed by their argument lists.
+
+    They run in this process: a resumed run continues in another process anyway, so identical numbers
+    across processes are part of what the tests check.
+    """
+    done: dict[tuple, Path] = {}
+
+    def get(args: list[str]) -> Path:
+        if tuple(args) not in done:
+            store = tmp_path_factory.mktemp("reference")
+            assert main(["train", *args, "--data-dir", str(train_data_dir), "--store", str(store)]) == 0
+            done[tuple(args)] = store
+        return done[tuple(args)]
+
+    return get
+
+
+def _kill_at_random(cmd, env, rng: random.Random, window: float) -> str:
+    """Start `cmd`, SIGKILL it a random time (up to `window` s) after its training loop starts; what happened."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    # The line naming the image counts comes right before the first step (after any checkpoint was loaded).
+    for line in proc.stdout:
+        if " train / " in line:
+            break
+    delay = rng.uniform(0, window)
+    try:
+        proc.wait(delay)
+        return f"finished before the kill at +{delay:.2f}s"
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return f"killed at +{delay:.2f}s"
+    finally:
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("args, kills", [(BASE, 1), (REGULARIZED, 2)], ids=["plain", "dropout-crop-labels"])
+def test_sigkill_at_random_moments_then_resume_gives_identical_metrics(
+    args, kills, reference, rethink_cmd, one_thread_env, train_data_dir, tmp_path, without_timing
+):
+    seed = int(os.environ.get("RETHINK_TEST_SEED", time.time_ns() % 100_000))
+    rng = random.Random(seed)
+    store = tmp_path / "store"
+    cmd = _train_cmd(rethink_cmd, train_data_dir, store, args + FAST_CHECKPOINTS)
+    history = [_kill_at_random(cmd, one_thread_env, rng, window=1.5) for _ in range(kills)]
+    out = _run(cmd, one_thread_env)
+    assert out.returncode == 0, out.stderr
+    why = f"RETHINK_TEST_SEED={seed}: {history}"
+    assert without_timing(_metrics(store)) == without_timing(_metrics(reference(args))), why
+    result = json.loads((_run_dir(store) / "result.json").read_text())
+    expected = json.loads((_run_dir(reference(args)) / "result.json").read_text())
+    for field in ("run_id", "spec", "epochs", "steps", "final_train_acc", "final_test_acc", "best_test_acc"):
+        assert result[field] == expected[field], why
+    assert "Traceback" not in out.stderr
+
+
+def test_sigterm_checkpoints_and_exits_143_then_the_run_completes_identically(
+    reference, rethink_cmd, one_thread_env, train_data_dir, tmp_path, without_timing
+):
+    store = tmp_path / "store"
+    # Default checkpoint interval: the only mid-epoch checkpoint is the one SIGTERM asks for.
+    cmd = _train_cmd(rethink_cmd, train_data_dir, store, REGULARIZED)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread_env
+    )
+    for line in proc.stdout:
+        if " train / " in line:  # printed inside the SIGTERM handler's scope, right before the first step
+            break
+    time.sleep(random.uniform(0.0, 0.5))
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "SIGTERM" in err and "checkpoint written" in err and "Traceback" not in err
+    run = _run_dir(store)
+    assert not (run / "result.json").exists()
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["batch"] > 0  # stopped at a step boundary inside an epoch: the resume continues mid-epoch
+    resumed = _run(cmd, one_thread_env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']}" in resumed.stdout
+    assert without_timing(_metrics(store)) == without_timing(_metrics(reference(REGULARIZED)))
+
+
+def test_a_finished_run_is_not_trained_again(reference, train_data_dir, capsys):
+    store = reference(BASE)
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", *BASE, "--data-dir", str(train_data_dir), "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "already finished" in out and "epoch 1/" not in out
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file()} == files
+
+
+def test_store_layout_and_file_modes(reference):
+    run = _run_dir(reference(BASE))
+    names = {p.name for p in run.iterdir()}
+    assert {"spec.json", "metrics.jsonl", "checkpoint.pt", "result.json"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    spec = RunSpec.from_json((run / "spec.json").read_text())
+    assert spec.run_id == run.name
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "finished" and result["stopped"] == "cap" and result["epochs"] == 3
+    assert result["spec"] == spec.to_dict()
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in run.iterdir():  # written through temp files, yet readable like any file this user creates
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+
+
+# ---------------------------------------------------------------------------------------------- in-process runs
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_at(epoch: int, lines: list[str]):
+    """A log that records lines and crashes the run when epoch `epoch` ends, before it is checkpointed."""
+
+    def log(msg: str) -> None:
+        lines.append(msg)
+        if f" epoch {epoch}/" in msg:
+            raise Crash(msg)
+
+    return log
+
+
+SPEC_ARGS = dict(model="mlp-1x512", batch_size=32, epochs=4, dropout=0.3)
+
+
+@pytest.fixture(scope="module")
+def data(train_data_dir):
+    return load_cifar10(train_data_dir, download=False)
+
+
+@pytest.fixture(scope="module")
+def spec(data):
+    return RunSpec(**SPEC_ARGS, dataset=data.identity)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(spec, data, tmp_path_factory, one_thread):
+    store = LocalStore(tmp_path_factory.mktemp("uninterrupted"))
+    train_run(spec, store, data, ExecOptions(device="cpu", log=lambda m: None))
+    return read_metrics(store, spec.run_id)
+
+
+def _crash(root: Path, spec, data) -> LocalStore:
+    """`spec` in a store at `root`, crashed at the end of epoch 3: checkpoint.pt is epoch 2, prev is epoch 1."""
+    store = LocalStore(root)
+    with pytest.raises(Crash):
+        train_run(spec, store, data, ExecOptions(device="cpu", log=_crash_at(3, [])))
+    return store
+
+
+@pytest.fixture(scope="module")
+def crashed(spec, data, tmp_path_factory, one_thread) -> Path:
+    return _crash(tmp_path_factory.mktemp("crashed") / "store", spec, data).root
+
+
+@pytest.fixture
+def crashed_store(crashed, tmp_path) -> LocalStore:
+    """A private copy of the crashed store."""
+    shutil.copytree(crashed, tmp_path / "store")
+    return LocalStore(tmp_path / "store")
+
+
+def _finish(store, spec, data) -> list[str]:
+    lines: list[str] = []
+    train_run(spec, store, data, ExecOptions(device="cpu", log=lines.append))
+    return lines
+
+
+def _checkpoint_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_learning_on_synthetic_data(uninterrupted):
+    accs = [m["train_acc"] for m in uninterrupted]
+    assert accs[-1] > 0.5 and accs[-1] > accs[0]  # chance is 0.1
+    assert uninterrupted[-1]["train_loss"] < uninterrupted[0]["train_loss"]
+
+
+def test_in_process_resume_matches(spec, data, uninterrupted, crashed_store, without_timing):
+    store = crashed_store
+    lines = _finish(store, spec, data)
+    assert any("resuming at epoch 3, batch 0" in line for line in lines), lines
+    assert without_timing(read_metrics(store, spec.run_id)) == without_timing(uninterrupted)
+
+
+BAD_CHECKPOINTS = {
+    "truncated": lambda blob, other: blob[: len(blob) // 2],
+    "garbage": lambda blob, other: os.urandom(4096),
+    "empty": lambda blob, other: b"",
+    "another run's": lambda blob, other: other,
+    "not a checkpoint": lambda blob, other: _checkpoint_bytes({"model": {}, "epoch": 2}),
+    "inconsistent": lambda blob, other: _checkpoint_bytes(
+        {**torch.load(io.BytesIO(blob), weights_only=True), "epoch": 9}
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(data, tmp_path_factory) -> bytes:
+    other = RunSpec(**{**SPEC_ARGS, "seed": 1}, dataset=data.identity)
+    return _crash(tmp_path_factory.mktemp("other"), other, data).read_bytes(
+        run_key(other.run_id, "checkpoint.pt")
+    )
+
+
+@pytest.mark.parametrize("damage", list(BAD_CHECKPOINTS))
+def test_bad_checkpoint_falls_back_to_the_previous_one(
+    damage, spec, data, uninterrupted, other_checkpoint, crashed_store, without_timing
+):
+    store = crashed_store
+    key = run_key(spec.run_id, "checkpoint.pt")
+    store.write_bytes(key, BAD_CHECKPOINTS[damage](store.read_bytes(key), other_checkpoint))
+    lines = _finish(store, spec, data)
+    assert any("ignoring unusable" in line and line.count("checkpoint.pt") == 1 for line in lines), lines
+    assert any("resuming at epoch 2, batch 0" in line for line in lines), lines
+    assert without_timing(read_metrics(store, spec.run_id)) == without_timing(uninterrupted)
+
+
+def test_both_checkpoints_bad_starts_over(
+    spec, data, uninterrupted, other_checkpoint, crashed_store, without_timing
+):
+    store = crashed_store
+    store.write_bytes(run_key(spec.run_id, "checkpoint.pt"), b"\x80\x02garbage")
+    store.write_bytes(run_key(spec.run_id, "checkpoint.prev.pt"), other_checkpoint)
+    lines = _finish(store, spec, data)
+    assert sum("ignoring unusable" in line for line in lines) == 2, lines
+    assert any("starting over" in line for line in lines), lines
+    assert without_timing(read_metrics(store, spec.run_id)) == without_timing(uninterrupted)
+
+
+def test_a_bad_checkpoint_never_replaces_the_good_previous_one(spec, data, crashed_store):
+    store = crashed_store
+    store.write_bytes(run_key(spec.run_id, "checkpoint.pt"), b"garbage")
+    # Resume from prev (epoch 1), write epoch 2's checkpoint, crash again when epoch 3 ends.
+    with pytest.raises(Crash):
+        train_run(spec, store, data, ExecOptions(device="cpu", log=_crash_at(3, [])))
+    for name, epoch in (("checkpoint.pt", 2), ("checkpoint.prev.pt", 1)):
+        ckpt = torch.load(io.BytesIO(store.read_bytes(run_key(spec.run_id, name))), weights_only=True)
+        assert (ckpt["epoch"], ckpt["batch"]) == (epoch, 0), name
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_with_code_is_refused_without_running_it(spec, data, crashed_store, tmp_path):
+    store = crashed_store
+    marker = tmp_path / "pwned"
+    store.write_bytes(run_key(spec.run_id, "checkpoint.pt"), pickle.dumps({"format": _Evil(marker)}))
+    lines = _finish(store, spec, data)
+    assert any("ignoring unusable" in line for line in lines)
+    assert not marker.exists()
+
+
+def test_damaged_result_is_finished_again(spec, data, uninterrupted, tmp_path, without_timing, one_thread):
+    store = LocalStore(tmp_path / "store")
+    train_run(spec, store, data, ExecOptions(device="cpu", log=lambda m: None))
+    store.write_text(run_key(spec.run_id, "result.json"), '{"status": "fini')
+    assert read_result(store, spec.run_id) is None
+    lines = _finish(store, spec, data)
+    assert any("ignoring unreadable" in line for line in lines), lines
+    assert read_result(store, spec.run_id)["status"] == "finished"
+    assert without_timing(read_metrics(store, spec.run_id)) == without_timing(uninterrupted)
+
+
+def test_sigterm_during_setup_stops_at_the_first_step(
+    spec, data, uninterrupted, crashed_store, without_timing
+):
+    def log(msg: str) -> None:
+        if "resuming at" in msg:  # still setting up: the loop has not started
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        train_run(spec, crashed_store, data, ExecOptions(device="cpu", log=log))
+    ckpt = torch.load(
+        io.BytesIO(crashed_store.read_bytes(run_key(spec.run_id, "checkpoint.pt"))), weights_only=True
+    )
+    assert (ckpt["epoch"], ckpt["batch"]) == (2, 1)
+    lines = _finish(crashed_store, spec, data)
+    assert any("resuming at epoch 3, batch 1" in line for line in lines), lines
+    assert without_timing(read_metrics(crashed_store, spec.run_id)) == without_timing(uninterrupted)
