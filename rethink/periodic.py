@@ -3,7 +3,7 @@
 The conv weights followed by BatchNorm are scale-invariant: weight decay shrinks their norm, which raises the
 effective learning rate lr / ||w||^2 until training destabilizes (the loss spikes, the norm jumps back up) and a
 new period begins. Two suites: `periodic`, their setup (SGD lr 0.01, weight decay 1e-3, no momentum, constant
-learning rate) on the whole training set for PERIODIC_EPOCHS epochs (expensive: not part of `full`), and
+learning rate) on the whole training set for EPOCHS epochs (expensive: not part of `full`), and
 `periodic-smoke`, a scaled-down version that shows a destabilization on a CPU in minutes. `detect_spikes`
 finds the destabilizations in a run's per-epoch metrics.
 """
@@ -28,7 +28,7 @@ SETUP = {"lr": 0.01, "weight_decay": 1e-3, "momentum": 0.0, "lr_decay": 1.0, "tr
 EPOCHS = 1000
 # The CPU version [choice, measured in docs/regularizers.md]: 128 training images in batches of 32 (4 steps per
 # epoch, so per-epoch metrics resolve the spikes) and lr * wd = 0.01, 10^4 times theirs, so that a period is
-# a few hundred steps instead of millions.
+# about a hundred steps instead of about 10^5.
 SMOKE_SETUP = {**SETUP, "lr": 0.1, "weight_decay": 0.1, "batch_size": 32}
 SMOKE_SUBSETS = (128, 64)  # training and test images
 SMOKE_EPOCHS = 150
