@@ -46,6 +46,9 @@ def data_dir_of(args) -> Path:
 
     base = Path(args.data_dir)
     if not getattr(args, "synthetic", False):
+        from rethink.datastore import fetch_if_missing
+
+        fetch_if_missing(getattr(args, "store", None), base)  # a pod's empty data dir: the store's archive first
         return base
     path = base / "synthetic"
     if not (path / DIRNAME / "batches.meta").exists():
@@ -110,6 +113,17 @@ def cmd_data_synth(args) -> int:
     root = write_synthetic(args.out, args.train, args.test, args.seed)
     print(f"wrote a SYNTHETIC data set (not CIFAR-10) in the official format: {root} "
           f"({args.train} train / {args.test} test images, seed {args.seed})")  # fmt: skip
+    return 0
+
+
+def cmd_data_push(args) -> int:
+    from rethink.datastore import push
+    from rethink.store import open_store
+
+    if args.synthetic:
+        print("synthetic data: nothing to push (every pod generates the same deterministic synthetic set itself)")
+        return 0
+    push(open_store(args.store), args.data_dir)
     return 0
 
 
@@ -302,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=10_000, help="number of test images")
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.set_defaults(func=cmd_data_synth)
+    s = _parser(dsub, "push", "put the md5-verified CIFAR-10 archive into the store once (data/cifar-10-python.tar.gz), "
+                "where pods with an empty --data-dir fetch it from; skipped when it is there already")
+    s.add_argument("--store", required=True, help="the store pods use: a directory, file://PATH or s3://bucket/prefix")
+    s.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                   help="take cifar-10-python.tar.gz from here when it is there, else download it here")
+    s.add_argument("--synthetic", action="store_true", help="a no-op: pods generate the synthetic set themselves")
+    s.set_defaults(func=cmd_data_push)
 
     p = _parser(sub, "train", "train one run (resuming it from the store when it was started before)")
     p.add_argument("--model", choices=MODELS, default=None, help="model to train (required unless --spec)")
