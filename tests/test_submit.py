@@ -1,0 +1,179 @@
+"""workflows/submit.py against a fake Argo server on 127.0.0.1: what it POSTs, and one clear line when the
+server cannot be reached or refuses the token; --dry-run, --output, the help's defaults."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "workflows"))
+
+import rethink_workflow as rw  # noqa: E402
+import submit  # noqa: E402
+
+CREATED_NAME = "rethink-fig2b-x7k2p"
+ARGS = ["--suite", "fig2b", "--profile", "local", "--synthetic"]
+
+
+class FakeArgo:
+    """A tiny Argo server: records each request and answers POST /api/v1/workflows/<ns> like Argo does."""
+
+    def __init__(self, status: int = 200):
+        self.status = status
+        self.requests: list[dict] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                if fake.status == 200:
+                    created = dict(body["workflow"])
+                    created["metadata"] = {**created["metadata"], "name": CREATED_NAME, "uid": "1234"}
+                    self._send(200, created)
+                else:  # Argo's error body: a gRPC status as JSON
+                    self._send(fake.status, {"code": 16, "message": "token not valid"})
+
+            def _send(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):  # keep pytest's output clean
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def no_argo_environment(monkeypatch):
+    for key in ("ARGO_SERVER", "ARGO_TOKEN", "ARGO_INSECURE_SKIP_VERIFY"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_submit_posts_the_workflow(capsys):
+    with FakeArgo() as argo:
+        rc = submit.main([*ARGS, "--argo-server", argo.url, "--token", "secret-token", "--namespace", "team"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    (req,) = argo.requests
+    assert req["path"] == "/api/v1/workflows/team"
+    assert req["headers"]["Authorization"] == "Bearer secret-token"
+    sent = req["body"]["workflow"]
+    expected = rw.build_workflow(
+        rw.Settings(suite="fig2b", profile="local", synthetic=True, namespace="team")
+    )
+    assert sent == expected.to_dict()
+    assert len([t for t in sent["spec"]["templates"][0]["dag"]["tasks"] if t["template"] == "train"]) == 2
+    assert CREATED_NAME in out
+    assert f"argo watch -n team {CREATED_NAME}" in out
+    assert f"workflows.argoproj.io/workflow={CREATED_NAME}" in out
+
+
+def test_server_and_token_from_the_environment(monkeypatch, capsys):
+    with FakeArgo() as argo:
+        monkeypatch.setenv("ARGO_SERVER", argo.url)
+        monkeypatch.setenv("ARGO_TOKEN", "Bearer from-env")
+        assert submit.main(ARGS) == 0
+    assert argo.requests[0]["headers"]["Authorization"] == "Bearer from-env"
+    assert argo.requests[0]["path"] == f"/api/v1/workflows/{rw.DEFAULT_NAMESPACE}"
+
+
+@pytest.mark.parametrize("status, word", [(401, "unauthorized"), (403, "forbidden")])
+def test_rejected_token_is_one_line(status, word, capsys):
+    with FakeArgo(status=status) as argo:
+        rc = submit.main([*ARGS, "--argo-server", argo.url, "--token", "bad"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"rejected the token ({status} {word})" in err and "ARGO_TOKEN" in err
+
+
+def test_other_refusal_is_one_line(capsys):
+    with FakeArgo(status=500) as argo:
+        rc = submit.main([*ARGS, "--argo-server", argo.url])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "refused the workflow" in err
+
+
+def test_unreachable_server_is_one_line_without_traceback():
+    url = f"http://127.0.0.1:{closed_port()}"
+    out = subprocess.run([sys.executable, str(ROOT / "workflows/submit.py"), *ARGS, "--argo-server", url],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
+    assert "cannot reach the Argo server" in out.stderr and url in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_bad_server_url_and_bad_suite(capsys):
+    assert submit.main([*ARGS, "--argo-server", "localhost:2746"]) == 1
+    assert "http:// or https://" in capsys.readouterr().err
+    assert submit.main(["--suite", "nope", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown suite 'nope'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_dry_run_prints_yaml_and_summary(capsys):
+    assert submit.main([*ARGS, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    wf = yaml.safe_load(captured.out)
+    assert wf["kind"] == "Workflow" and wf["metadata"]["generateName"] == "rethink-fig2b-"
+    assert "2 runs -> 2 training pods" in captured.err and "GPU-hours" in captured.err
+
+
+def test_dry_run_output_file(tmp_path, capsys):
+    out = tmp_path / "wf.yaml"
+    assert submit.main(["--suite", "full", "--seeds", "2", "--dry-run", "--output", str(out)]) == 0
+    summary = capsys.readouterr().out
+    wf = yaml.safe_load(out.read_text())
+    assert wf == rw.build_workflow(rw.Settings(suite="full", seeds=2)).to_dict()
+    assert "110 runs -> 110 training pods, 1 GPU each, at most 8 at once" in summary
+    assert "0.80 GPU-hours" in summary and f"wrote {out}" in summary
+
+
+def test_every_flag_states_its_default():
+    parser = submit.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert "default" in formatter._get_help_string(action), action.option_strings
+
+
+def test_regenerate_golden_writes_every_golden_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(submit, "GOLDEN_DIR", tmp_path)
+    assert submit.main(["--regenerate-golden"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.yaml" for n in submit.GOLDEN)
+    for name in submit.GOLDEN:
+        assert (tmp_path / f"{name}.yaml").read_text() == (
+            ROOT / "workflows/golden" / f"{name}.yaml"
+        ).read_text()

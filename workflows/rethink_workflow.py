@@ -1,0 +1,325 @@
+"""The Argo workflow for one suite, as a plain Hera value built without a cluster.
+
+    data ──> train-000 ─┐
+         ├─> train-001 ─┤
+         ├─> ...        ├─> aggregate   (runs when any training task succeeded)
+         └─> train-NNN ─┘
+
+`data` puts the CIFAR-10 archive into the store once (`rethink data push`; a no-op with --synthetic). Each
+training task is one pod with one GPU running the image's own CLI, `rethink train --suite S --index I`: the
+pod expands the suite from the catalogue baked into the image, so only an index travels through Argo, never
+a spec or a result (etcd keeps a workflow object below ~1 MB). A pod resumes its run from the store exactly
+like a local run does, which is what makes retrying a preempted pod cheap. `aggregate` renders the report.
+
+Training tasks are built from a list of work items (a task name, pod labels, CLI options): one per run
+today; packing several runs into one pod only changes how that list is made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hera.workflows import (
+    DAG,
+    Container,
+    EmptyDirVolume,
+    Env,
+    Parameter,
+    Resources,
+    RetryPolicy,
+    RetryStrategy,
+    SecretEnv,
+    Task,
+    Workflow,
+)
+from hera.workflows import models as m
+
+from rethink.spec import RunSpec
+
+DEFAULT_IMAGE = "rethink:dev"
+DEFAULT_NAMESPACE = "rethink"
+DEFAULT_STORE = "s3://rethink/runs"
+DEFAULT_SERVICE_ACCOUNT = "rethink-workflow"
+DEFAULT_S3_SECRET = "rethink-s3"
+IMAGE_UID = 10001  # the Dockerfile's non-root user; pods run as it and own their /data volume through fsGroup
+DATA_DIR = "/data"  # an emptyDir in every pod, filled from the store's archive
+LABEL = "rethink"  # label prefix: rethink/suite, rethink/run-id, rethink/role
+
+# Retries. A training pod resumes from its last checkpoint, so retrying costs at most the minutes since then.
+# Preemption (exit 137 = SIGKILL after the grace period, 143 = our checkpoint-and-exit on SIGTERM; or Argo's
+# message for a pod whose node went away) is retried up to TRAIN_RETRY_LIMIT times; anything else (a bug, an
+# OOM kill) only TRAIN_RETRY_OTHER times, so a real failure fails after TRAIN_RETRY_OTHER + 1 attempts.
+# The expression is Argo's (expr-lang): lastRetry.exitCode and `retries` (attempts so far - 1) are strings.
+TRAIN_RETRY_LIMIT = 10
+TRAIN_RETRY_OTHER = 2
+PREEMPTION_MESSAGE = "(?i)imminent node shutdown|node shutdown|pod deleted|evict|preempt"
+TRAIN_RETRY_EXPRESSION = (
+    f"(asInt(lastRetry.exitCode) in [137, 143] && !(lastRetry.message contains 'OOMKilled'))"
+    f" || lastRetry.message matches '{PREEMPTION_MESSAGE}'"
+    f" || asInt(retries) < {TRAIN_RETRY_OTHER}"
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where the pods run: what a training pod requests and where it may be scheduled."""
+
+    name: str
+    description: str
+    gpu: bool  # one nvidia.com/gpu per training pod
+    parallelism: int  # default number of training pods at once
+    image_pull_policy: str | None = None  # None: Kubernetes' default
+    cpu: str = "4"
+    memory: str = "16Gi"
+    memory_limit: str = "32Gi"
+    tolerations: tuple[m.Toleration, ...] = ()
+    node_affinity: m.NodeAffinity | None = None
+
+
+GPU_TOLERATION = m.Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+# Spot capacity on GKE (label and optional taint cloud.google.com/gke-spot=true) or on EKS with Karpenter
+# (label karpenter.sh/capacity-type=spot; a NodePool may also taint its spot nodes with that key). The node
+# selector terms are ORed, so the same workflow runs on either cloud.
+SPOT_TOLERATIONS = (
+    GPU_TOLERATION,
+    m.Toleration(key="cloud.google.com/gke-spot", operator="Equal", value="true", effect="NoSchedule"),
+    m.Toleration(key="karpenter.sh/capacity-type", operator="Equal", value="spot", effect="NoSchedule"),
+)
+SPOT_AFFINITY = m.NodeAffinity(
+    required_during_scheduling_ignored_during_execution=m.NodeSelector(
+        node_selector_terms=[
+            m.NodeSelectorTerm(
+                match_expressions=[m.NodeSelectorRequirement(key="cloud.google.com/gke-spot", operator="In", values=["true"])]
+            ),
+            m.NodeSelectorTerm(
+                match_expressions=[m.NodeSelectorRequirement(key="karpenter.sh/capacity-type", operator="In", values=["spot"])]
+            ),
+        ]
+    )
+)  # fmt: skip
+
+PROFILES = {
+    p.name: p
+    for p in [
+        Profile("local", "kind or minikube: the image loaded into the node, no GPU unless --gpu, small requests",
+                gpu=False, parallelism=2, image_pull_policy="IfNotPresent", cpu="500m", memory="1Gi",
+                memory_limit="4Gi"),
+        Profile("gpu", "one nvidia.com/gpu per training pod on any GPU node", gpu=True, parallelism=8,
+                tolerations=(GPU_TOLERATION,)),
+        Profile("spot", "gpu on spot capacity: GKE spot or EKS/Karpenter spot nodes, retried on preemption",
+                gpu=True, parallelism=16, tolerations=SPOT_TOLERATIONS, node_affinity=SPOT_AFFINITY),
+    ]
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the workflow depends on; the defaults are those of workflows/submit.py."""
+
+    suite: str
+    seeds: int = 1
+    profile: str = "gpu"
+    image: str = DEFAULT_IMAGE
+    namespace: str = DEFAULT_NAMESPACE
+    store: str = DEFAULT_STORE
+    parallelism: int | None = None  # None: the profile's
+    synthetic: bool = False
+    epochs: int | None = None  # passed to every pod as --epochs
+    smoke: bool = False  # passed to every pod as --smoke
+    gpu: bool | None = None  # None: the profile's
+    device: str | None = None  # passed to training pods as --device (None: the CLI's auto)
+    image_pull_policy: str | None = None  # None: the profile's
+    service_account: str = DEFAULT_SERVICE_ACCOUNT
+    s3_secret: str = DEFAULT_S3_SECRET
+    deadline_hours: float = 72.0  # the whole workflow
+    pod_deadline_hours: float = 12.0  # one attempt of one pod
+
+    @property
+    def profile_(self) -> Profile:
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown profile {self.profile!r}: choose one of {', '.join(PROFILES)}")
+        return PROFILES[self.profile]
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.profile_.gpu if self.gpu is None else self.gpu
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One training pod: its DAG task name, its own pod labels, and the CLI options that select its work."""
+
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)  # e.g. {"rethink/run-id": "3f2a..."}
+    options: dict[str, str] = field(default_factory=dict)  # e.g. {"index": "7"} -> --index 7
+
+
+def suite_runs(s: Settings) -> list[RunSpec]:
+    """The suite's runs exactly as a pod expands them (same data set identity, seeds and sizing)."""
+    from rethink.cli import SYNTHETIC_SIZE
+    from rethink.data import synthetic_identity
+    from rethink.suites import Options, expand
+
+    dataset = synthetic_identity(*SYNTHETIC_SIZE, seed=0) if s.synthetic else "cifar10"
+    return expand(s.suite, Options(dataset=dataset, seeds=s.seeds, epochs=s.epochs, smoke=s.smoke))
+
+
+def work_items(specs: list[RunSpec]) -> list[WorkItem]:
+    """One training pod per run, addressed by its index in the suite."""
+    width = max(3, len(str(len(specs) - 1)))
+    return [
+        WorkItem(
+            name=f"train-{i:0{width}d}", labels={f"{LABEL}/run-id": spec.run_id}, options={"index": str(i)}
+        )
+        for i, spec in enumerate(specs)
+    ]
+
+
+def _suite_args(s: Settings) -> list[str]:
+    """The options every pod passes so that it expands the suite exactly as the workflow did."""
+    args = ["--suite", s.suite, "--seeds", str(s.seeds)]
+    if s.epochs is not None:
+        args += ["--epochs", str(s.epochs)]
+    if s.smoke:
+        args.append("--smoke")
+    if s.synthetic:
+        args.append("--synthetic")
+    return args
+
+
+def _env(s: Settings) -> list:
+    """S3 access from a Secret (keys named like the variables); the endpoint and region only where needed."""
+    return [
+        SecretEnv(name="AWS_ACCESS_KEY_ID", secret_name=s.s3_secret, secret_key="AWS_ACCESS_KEY_ID"),
+        SecretEnv(name="AWS_SECRET_ACCESS_KEY", secret_name=s.s3_secret, secret_key="AWS_SECRET_ACCESS_KEY"),
+        SecretEnv(
+            name="AWS_ENDPOINT_URL", secret_name=s.s3_secret, secret_key="AWS_ENDPOINT_URL", optional=True
+        ),
+        SecretEnv(
+            name="AWS_DEFAULT_REGION", secret_name=s.s3_secret, secret_key="AWS_DEFAULT_REGION", optional=True
+        ),
+        # Ride out a MinIO restart rather than fail the pod.
+        Env(name="RETHINK_S3_RETRY_SECONDS", value="300"),
+    ]
+
+
+def _param_name(label_key: str) -> str:
+    return label_key.rsplit("/", 1)[-1]
+
+
+def _container(s: Settings, name: str, args: list[str], resources: Resources, **kw) -> Container:
+    return Container(
+        name=name,
+        image=s.image,
+        image_pull_policy=s.image_pull_policy or s.profile_.image_pull_policy,
+        command=["rethink"],
+        args=args,
+        env=_env(s),
+        resources=resources,
+        volumes=[EmptyDirVolume(name="data", mount_path=DATA_DIR, size_limit="4Gi")],
+        security_context=m.SecurityContext(
+            allow_privilege_escalation=False, capabilities=m.Capabilities(drop=["ALL"])
+        ),
+        **kw,
+    )
+
+
+def _small_retry() -> RetryStrategy:
+    return RetryStrategy(
+        limit=3, retry_policy=RetryPolicy.always, backoff=m.Backoff(duration="30s", factor=2, cap="5m")
+    )
+
+
+def build_workflow(s: Settings, items: list[WorkItem] | None = None) -> Workflow:
+    """The workflow for the settings (training tasks from `items`, by default one per run of the suite)."""
+    profile = s.profile_
+    if s.seeds < 1:
+        raise ValueError("seeds must be at least 1")
+    items = work_items(suite_runs(s)) if items is None else items
+    if not items:
+        raise ValueError(f"suite {s.suite} has no runs")
+    option_names, label_keys = list(items[0].options), list(items[0].labels)
+    if any(list(i.options) != option_names or list(i.labels) != label_keys for i in items):
+        raise ValueError("every work item must have the same options and labels")
+    if len({*option_names, *map(_param_name, label_keys)}) != len(option_names) + len(label_keys):
+        raise ValueError("work item options and label names must be distinct")
+
+    suite_args = _suite_args(s)
+    store_args = ["--store", s.store, "--data-dir", DATA_DIR]
+    role = f"{LABEL}/role"
+
+    data = _container(
+        s, "data",
+        ["data", "push", *store_args, *(["--synthetic"] if s.synthetic else [])],
+        Resources(cpu_request="250m", memory_request="1Gi", memory_limit="2Gi"),
+        labels={role: "data"},
+        retry_strategy=_small_retry(),
+    )  # fmt: skip
+
+    train_args = ["train", *suite_args, *store_args, *(["--device", s.device] if s.device else [])]
+    for opt in option_names:
+        train_args += [f"--{opt}", f"{{{{inputs.parameters.{opt}}}}}"]
+    train = _container(
+        s, "train", train_args,
+        Resources(cpu_request=profile.cpu, memory_request=profile.memory, memory_limit=profile.memory_limit,
+                  gpus=1 if s.uses_gpu else None),
+        inputs=[Parameter(name=n) for n in [*option_names, *map(_param_name, label_keys)]],
+        labels={role: "train", **{k: f"{{{{inputs.parameters.{_param_name(k)}}}}}" for k in label_keys}},
+        retry_strategy=RetryStrategy(
+            limit=TRAIN_RETRY_LIMIT,
+            retry_policy=RetryPolicy.always,
+            expression=TRAIN_RETRY_EXPRESSION,
+            backoff=m.Backoff(duration="1m", factor=2, cap="15m"),
+        ),
+        active_deadline_seconds=int(s.pod_deadline_hours * 3600),
+        tolerations=list(profile.tolerations) or None,
+        affinity=m.Affinity(node_affinity=profile.node_affinity) if profile.node_affinity else None,
+    )  # fmt: skip
+
+    aggregate = _container(
+        s, "aggregate",
+        ["aggregate", *suite_args, *store_args],
+        Resources(cpu_request="1", memory_request="2Gi", memory_limit="8Gi"),
+        labels={role: "aggregate"},
+        retry_strategy=_small_retry(),
+    )  # fmt: skip
+
+    tasks = [Task(name="data", template=data)]
+    for item in items:
+        values = {**item.options, **{_param_name(k): v for k, v in item.labels.items()}}
+        tasks.append(
+            Task(
+                name=item.name,
+                template=train,
+                depends="data",
+                arguments=[Parameter(name=k, value=v) for k, v in values.items()],
+            )
+        )
+    # Every training task finishes (or fails for good) before this is decided; a failed run leaves a hole in
+    # the report rather than no report.
+    tasks.append(
+        Task(name="aggregate", template=aggregate, depends=" || ".join(f"{i.name}.Succeeded" for i in items))
+    )
+    main = DAG(name="main", fail_fast=False, tasks=tasks)
+
+    suite_labels = {"app.kubernetes.io/name": "rethink", f"{LABEL}/suite": s.suite}
+    return Workflow(
+        generate_name=f"rethink-{s.suite}-",
+        namespace=s.namespace,
+        labels={**suite_labels, f"{LABEL}/profile": profile.name, f"{LABEL}/seeds": str(s.seeds)},
+        annotations={
+            "workflows.argoproj.io/description": f"rethink suite {s.suite}: {len(items)} training pods, "
+            f"{s.seeds} seed(s), profile {profile.name}, store {s.store}"
+        },
+        entrypoint="main",
+        service_account_name=s.service_account,
+        parallelism=s.parallelism or profile.parallelism,
+        active_deadline_seconds=int(s.deadline_hours * 3600),
+        pod_gc=m.PodGC(strategy="OnPodSuccess"),  # failed pods stay for `kubectl logs`
+        ttl_strategy=m.TTLStrategy(seconds_after_success=7 * 24 * 3600),
+        pod_metadata=m.Metadata(labels=suite_labels),
+        security_context=m.PodSecurityContext(
+            run_as_non_root=True, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, fs_group=IMAGE_UID
+        ),
+        templates=[main, data, train, aggregate],
+    )
