@@ -135,14 +135,14 @@ class Settings:
     pod_deadline_hours: float = 12.0  # one attempt of one pod
 
     @property
-    def profile_(self) -> Profile:
+    def profile_spec(self) -> Profile:
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}: choose one of {', '.join(PROFILES)}")
         return PROFILES[self.profile]
 
     @property
     def uses_gpu(self) -> bool:
-        return self.profile_.gpu if self.gpu is None else self.gpu
+        return self.profile_spec.gpu if self.gpu is None else self.gpu
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ def _container(s: Settings, name: str, args: list[str], resources: Resources, **
     return Container(
         name=name,
         image=s.image,
-        image_pull_policy=s.image_pull_policy or s.profile_.image_pull_policy,
+        image_pull_policy=s.image_pull_policy or s.profile_spec.image_pull_policy,
         command=["rethink"],
         args=args,
         env=_env(s),
@@ -232,7 +232,7 @@ def _small_retry() -> RetryStrategy:
 
 def build_workflow(s: Settings, items: list[WorkItem] | None = None) -> Workflow:
     """The workflow for the settings (training tasks from `items`, by default one per run of the suite)."""
-    profile = s.profile_
+    profile = s.profile_spec
     if s.seeds < 1:
         raise ValueError("seeds must be at least 1")
     items = work_items(suite_runs(s)) if items is None else items

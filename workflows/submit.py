@@ -137,7 +137,7 @@ def summary(s: rw.Settings, specs, workflow_dict: dict) -> str:
     from rethink.suites import estimate_seconds
 
     size = len(json.dumps(workflow_dict, separators=(",", ":")))
-    at_once = s.parallelism or s.profile_.parallelism
+    at_once = s.parallelism or s.profile_spec.parallelism
     pods = f"{len(specs)} training pods, " + ("1 GPU each" if s.uses_gpu else "no GPU requested")
     cost = f"estimated {estimate_seconds(specs, 'gpu') / 3600:.2f} GPU-hours (one H100, bf16)"
     if not s.uses_gpu:
