@@ -124,7 +124,7 @@ def test_one_single_gpu_pod_per_run(suite):
         assert "nvidia.com/gpu" not in json.dumps(templates(wf)[name]["container"]["resources"])
 
 
-def test_full_fans_out_over_rethink_plan(tmp_path, monkeypatch):
+def test_full_fans_out_over_rethink_plan(tmp_path, monkeypatch, validator):
     """The done criterion: submit.py --suite full --dry-run --output wf.yaml has one GPU pod per planned run."""
     import yaml
 
@@ -133,6 +133,7 @@ def test_full_fans_out_over_rethink_plan(tmp_path, monkeypatch):
     with contextlib.redirect_stdout(io.StringIO()):
         assert submit.main(["--suite", "full", "--dry-run", "--output", str(out)]) == 0
     wf = yaml.safe_load(out.read_text())
+    assert_valid(validator, wf)
     tasks = train_tasks(wf)
     assert [params(t)["run-id"] for t in tasks] == plan_run_ids("--suite", "full")
     assert templates(wf)["train"]["container"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
