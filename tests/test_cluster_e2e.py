@@ -69,6 +69,7 @@ class LocalPods:
         self.phases: dict[str, str] = {}
         self.logs: dict[str, str] = {}
         self.attempts: dict[str, int] = {}
+        self.labels: dict[str, dict[str, str]] = {}  # each pod's labels, as Argo would set them
 
     def command(self, task: dict) -> tuple[list[str], dict[str, str], Path]:
         template = self.templates[task["template"]]
@@ -100,7 +101,7 @@ class LocalPods:
             else:
                 assert ref.get("optional"), f"the Secret has no key {ref['key']}"
         assert container["command"] == ["rethink"]
-        self.logs[task["name"] + ":labels"] = str(labels)
+        self.labels[task["name"]] = labels
         return [sys.executable, "-m", "rethink", *args], env, pod_dir
 
     def run(self, task: dict) -> None:
@@ -150,12 +151,11 @@ def test_rendered_workflow_runs_end_to_end(s3_server, s3_url, tmp_path):
     prefix = s3_url.removeprefix(f"s3://{s3_server.bucket}/")
     listing = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix + "/")
     keys = {obj["Key"].removeprefix(prefix + "/") for obj in listing.get("Contents", [])}
-    run_ids = [p["value"] for t in wf["spec"]["templates"][0]["dag"]["tasks"]
-               for p in t.get("arguments", {}).get("parameters", []) if p["name"] == "run-id"]  # fmt: skip
-    assert len(run_ids) == 2
-    for rid in run_ids:
+    trained = {name: pods.labels[name]["rethink/run-id"] for name in ("train-000", "train-001")}
+    assert len(set(trained.values())) == 2
+    for name, rid in trained.items():
         assert f"runs/{rid}/result.json" in keys, sorted(keys)
-        assert rid in pods.logs["train-" + f"{run_ids.index(rid):03d}"]
+        assert f"run {rid}" in pods.logs[name]  # the pod trained the run its label names
     assert "reports/fig2b/report.html" in keys, sorted(keys)
 
     # A retried pod of a finished run exits at once without training again (what a preempted retry relies on).
