@@ -365,6 +365,11 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
     ckpt, rotate = _load_checkpoint(store, run_id, restore, log)
     if ckpt is not None:
         log(f"run {run_id}: resuming at epoch {epoch + 1}, batch {batch_start} (step {step})")
+        was = (ckpt.get("device"), ckpt.get("threads"))
+        now = (str(device), torch.get_num_threads())
+        if was[0] is not None and was != now:  # kernels (and their sums) differ with either
+            log(f"warning: run {run_id} was checkpointed on {was[0]} (threads={was[1]}) and resumes on {now[0]} "
+                f"(threads={now[1]}): later epochs may differ from an uninterrupted run in the last digits")  # fmt: skip
     elif store.exists(run_key(run_id, "checkpoint.pt")) or store.exists(run_key(run_id, "checkpoint.prev.pt")):
         log(f"run {run_id}: no usable checkpoint; starting over")
     _write_metrics(store, run_id, metrics)  # drop any line written after the checkpoint we resume from
@@ -394,6 +399,8 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
             "loss_sum": loss_sum,
             "grad_sq_sum": grad_sq_sum,
             "elapsed_in_epoch": t_epoch,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
             "metrics": json.dumps(metrics),
         }
 
