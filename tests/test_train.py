@@ -28,7 +28,7 @@ from rethink.train import ExecOptions, Preempted, read_metrics, read_result, tra
 BASE = ["--model", "mlp-1x512", "--batch-size", "32", "--epochs", "3", "--device", "cpu"]
 REGULARIZED = ["--model", "mlp-1x512", "--batch-size", "48", "--epochs", "3", "--device", "cpu",
                "--dropout", "0.3", "--random-crop", "--labels", "partial:0.4"]  # fmt: skip
-FAST_CHECKPOINTS = ["--checkpoint-minutes", "0.003"]  # mid-epoch checkpoints every ~0.2 s
+FAST_CHECKPOINTS = ["--checkpoint-minutes", "0.001"]  # mid-epoch checkpoints every ~0.06 s
 
 
 def _train_cmd(rethink_cmd, data_dir, store, args) -> list[str]:
@@ -67,21 +67,42 @@ def reference(tmp_path_factory, train_data_dir, one_thread):
     return get
 
 
-def _kill_at_random(cmd, env, rng: random.Random, window: float) -> str:
-    """Start `cmd`, SIGKILL it a random time (up to `window` s) after its training loop starts; what happened."""
+def _checkpoint_version(store: Path) -> tuple | None:
+    try:
+        st = next(store.glob("runs/*/checkpoint.pt")).stat()
+    except (StopIteration, FileNotFoundError):
+        return None
+    return st.st_ino, st.st_mtime_ns  # a rename brings a new inode
+
+
+def _kill_at_random(cmd, env, store: Path, rng: random.Random) -> str:
+    """Start `cmd` and SIGKILL it at a random moment after its n-th checkpoint write (n random); what happened.
+
+    Counting checkpoint writes, rather than seconds, puts the kill after real progress on a fast machine and
+    a slow one alike; the extra random delay lands it mid-step, mid-write, mid-evaluation or between epochs.
+    """
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    start = "fresh start"
     # The line naming the image counts comes right before the first step (after any checkpoint was loaded).
     for line in proc.stdout:
+        if "resuming at" in line:
+            start = line.split(": ", 1)[1].strip()
         if " train / " in line:
             break
-    delay = rng.uniform(0, window)
+    target, delay = rng.randint(1, 5), rng.uniform(0, 0.08)
+    seen, last = 0, _checkpoint_version(store)  # what a resumed run started from does not count
+    while seen < target and proc.poll() is None:
+        now = _checkpoint_version(store)
+        if now is not None and now != last:
+            seen, last = seen + 1, now
+        time.sleep(0.002)
     try:
         proc.wait(delay)
-        return f"finished before the kill at +{delay:.2f}s"
+        return f"{start}; finished before the kill ({seen} checkpoints seen)"
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        return f"killed at +{delay:.2f}s"
+        return f"{start}; killed {delay:.3f}s after checkpoint write {seen}"
     finally:
         proc.stdout.close()
 
@@ -94,10 +115,12 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_metrics(
     rng = random.Random(seed)
     store = tmp_path / "store"
     cmd = _train_cmd(rethink_cmd, train_data_dir, store, args + FAST_CHECKPOINTS)
-    history = [_kill_at_random(cmd, one_thread_env, rng, window=1.5) for _ in range(kills)]
+    history = [_kill_at_random(cmd, one_thread_env, store, rng) for _ in range(kills)]
     out = _run(cmd, one_thread_env)
     assert out.returncode == 0, out.stderr
+    history += [line.split(": ", 1)[1] for line in out.stdout.splitlines() if "resuming at" in line]
     why = f"RETHINK_TEST_SEED={seed}: {history}"
+    print(why)
     assert without_timing(_metrics(store)) == without_timing(_metrics(reference(args))), why
     result = json.loads((_run_dir(store) / "result.json").read_text())
     expected = json.loads((_run_dir(reference(args)) / "result.json").read_text())
