@@ -142,6 +142,14 @@ def test_no_spike_in_a_smooth_curve_or_in_jitter_near_zero():
     assert periodic.detect_spikes(tiny).epochs == ()  # 10x jumps, but by less than min_jump nats
 
 
+def test_noisy_accuracy_under_a_flat_loss_is_no_spike():
+    # As in the CPU setting: eval-mode accuracy wanders between 10% and 90% while the loss sits at 0.04.
+    gen = torch.Generator().manual_seed(1)
+    noisy = [{"epoch": e, "step": e, "train_loss": 0.04, "train_acc": 0.1 + 0.8 * torch.rand((), generator=gen).item()}
+             for e in range(1, 200)]  # fmt: skip
+    assert periodic.detect_spikes(noisy).epochs == ()
+
+
 def test_an_accuracy_collapse_or_a_nan_loss_counts_as_a_spike():
     metrics = _curve([])
     metrics[60]["train_acc"] = 0.1
