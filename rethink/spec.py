@@ -41,6 +41,7 @@ class RunSpec:
     tags: tuple[str, ...] = field(default=(), compare=False)  # free-form labels for reports; not in the id
 
     def __post_init__(self):
+        self._check_types()
         if self.model not in MODELS:
             raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
         parse_labels(self.labels)
@@ -65,6 +66,32 @@ class RunSpec:
         for ok, message in checks:
             if not ok:
                 raise UserError(f"bad run spec: {message}")
+
+    def _check_types(self) -> None:
+        """Reject wrongly typed fields; store numbers canonically (5e-4 and 0.0005, 1 and 1.0 give one id)."""
+        kinds = {
+            "model": str, "labels": str, "pixels": str, "dataset": str,
+            "random_crop": bool, "track_norms": bool,
+            "batch_size": int, "epochs": int, "seed": int, "version": int,
+            "data_seed": (int, None), "train_subset": (int, None), "test_subset": (int, None),
+            "weight_decay": float, "dropout": float, "momentum": float, "lr_decay": float,
+            "lr": (float, None), "target_train_acc": (float, None),
+        }  # fmt: skip
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            optional = isinstance(kind, tuple)
+            kind = kind[0] if optional else kind
+            if optional and value is None:
+                continue
+            if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
+            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise UserError(f"bad run spec: {name} must be {kind.__name__}, got {value!r}")
+        thresholds = self.loss_thresholds
+        if isinstance(thresholds, (str, bytes)) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) for t in thresholds
+        ):
+            raise UserError(f"bad run spec: loss_thresholds must be a list of numbers, got {thresholds!r}")
 
     @property
     def synthetic(self) -> bool:

@@ -104,7 +104,6 @@ def test_a_wrongly_typed_number_is_a_user_error():
 
 
 # A string where a number belongs crashes with a traceback or, for a float batch size, passes until training.
-@pytest.mark.xfail(strict=True, reason="spec.py does not check field types yet")
 @pytest.mark.parametrize("fields", [{"labels": 5}, {"loss_thresholds": "abc"}, {"batch_size": 32.5}])
 def test_wrongly_typed_fields_are_user_errors(fields):
     with pytest.raises(UserError):
