@@ -225,6 +225,13 @@ def test_verdicts_undecided_when_nothing_fits(tmp_path):
     assert "- **undecided**: Small AlexNet with weight decay fails to fit random labels within 2 epochs" in md
 
 
+def test_no_verdict_on_regularizers_when_nothing_generalizes(tmp_path):
+    md = (_render(tmp_path, lambda s: (1.0, 0.11)) / "report.md").read_text()  # memorized, test at chance
+    assert "- **undecided**: explicit regularizers" in md and "does not generalize (test acc 11.00%)" in md
+    assert "- **holds**: Inception and MLP 1x512" in md
+    assert "- **does not hold**: Small AlexNet" in md
+
+
 def test_verdicts_without_runs_are_undecided():
     rows = regularizers.table(expand("regularizers", Options()), {})
     assert [v["holds"] for v in regularizers.verdicts(rows)] == [None, None, None]
