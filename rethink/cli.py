@@ -158,6 +158,8 @@ def cmd_train(args) -> int:
     from rethink.store import open_store
     from rethink.train import read_result, train_run
 
+    if args.pack_index is not None or args.pack != 1:
+        return _train_pack(args)
     if args.suite is not None or args.index is not None:
         if args.suite is None or args.index is None:
             raise UserError("--suite and --index go together: rethink train --suite S --index I")
@@ -176,6 +178,25 @@ def cmd_train(args) -> int:
         return 0
     data = load_data(args)
     train_run(spec, store, data, exec_options(args))
+    return 0
+
+
+def _train_pack(args) -> int:
+    """`rethink train --suite S --pack K --pack-index J`: one pack of a suite, as a cluster pod trains it."""
+    from rethink.pack import suite_pack, train_pack
+    from rethink.store import open_store
+    from rethink.train import read_result
+
+    if args.suite is None or args.pack_index is None or args.index is not None:
+        raise UserError("--pack goes with --suite S --pack-index J (not --index): rethink train --suite S --pack K "
+                        "--pack-index J; see rethink plan --suite S --pack K")  # fmt: skip
+    pack = suite_pack(suite_specs(args), args.pack, args.pack_index)
+    store = open_store(args.store)
+    todo = [s for s in pack if read_result(store, s.run_id) is None]
+    print(f"pack {args.pack_index}: {len(pack)} {pack[0].model} runs, {len(pack) - len(todo)} already finished -> "
+          f"{store.where('runs')}", flush=True)  # fmt: skip
+    if todo:  # a finished pack needs no data
+        train_pack(pack, store, load_data(args), exec_options(args))
     return 0
 
 
@@ -217,6 +238,8 @@ def cmd_suites(args) -> int:
 
 def cmd_plan(args) -> int:
     specs = suite_specs(args)
+    if args.pack is not None:
+        return _plan_packs(args, specs)
     if args.json:
         rows = [{"index": i, "run_id": s.run_id, "model": s.model, "labels": s.labels, "pixels": s.pixels,
                  "tags": list(s.tags), "spec": s.to_dict()} for i, s in enumerate(specs)]  # fmt: skip
@@ -226,6 +249,25 @@ def cmd_plan(args) -> int:
     for i, s in enumerate(specs):
         print(f"{i:>4}  {s.run_id:<12}  {','.join(s.tags)[:26]:<26} {s.label()} (<= {s.epochs} epochs)")
     print(f"{len(specs)} runs")
+    return 0
+
+
+def _plan_packs(args, specs) -> int:
+    """The packs `rethink train --suite S --pack K --pack-index J` trains, J = 0, 1, ..."""
+    from rethink.pack import group_packs
+
+    packs = group_packs(specs, args.pack)
+    index = {s.run_id: i for i, s in enumerate(specs)}
+    if args.json:
+        rows = [{"pack_index": j, "size": len(p), "model": p[0].model, "epochs": p[0].epochs,
+                 "run_ids": [s.run_id for s in p], "indices": [index[s.run_id] for s in p]}
+                for j, p in enumerate(packs)]  # fmt: skip
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'pack':>4}  {'runs':>4}  {'model':<16} run ids")
+    for j, p in enumerate(packs):
+        print(f"{j:>4}  {len(p):>4}  {p[0].model:<16} {' '.join(s.run_id for s in p)}")
+    print(f"{len(packs)} packs of <= {args.pack} runs ({len(specs)} runs)")
     return 0
 
 
@@ -248,7 +290,7 @@ def cmd_run(args) -> int:
 
     specs = suite_specs(args)
     source = DataSource(str(data_dir_of(args)), verify=not args.no_verify_data)
-    failures = run_specs(specs, args.store, source, exec_options(args), jobs=args.jobs)
+    failures = run_specs(specs, args.store, source, exec_options(args), jobs=args.jobs, pack=args.pack)
     if not args.no_aggregate:
         _aggregate(args)
     if failures:
@@ -345,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, default=None, help="index into the suite's runs (see rethink plan)")
     p.add_argument("--seeds", type=int, default=1, help="with --suite: the suite's number of seeds")
     p.add_argument("--smoke", action="store_true", help="with --suite: the suite in smoke sizing (see rethink run)")
+    p.add_argument("--pack", type=int, default=1, help="with --suite and --pack-index: the suite's pack size K")
+    p.add_argument("--pack-index", type=int, default=None,
+                   help="train pack number J of the suite's packs of --pack K runs together (see rethink plan --pack)")
     add_data_options(p)
     add_exec_options(p)
     p.set_defaults(func=cmd_train)
@@ -356,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "plan", "list the runs of a suite")
     add_suite_options(p)
     p.add_argument("--json", action="store_true", help="print a JSON list of runs (index, run_id, model, labels, "
-                   "pixels, tags, spec)")
+                   "pixels, tags, spec); with --pack: of packs (pack_index, size, model, epochs, run_ids, indices)")
+    p.add_argument("--pack", type=int, default=None, help="list the packs of up to K runs trained together (rethink "
+                   "run/train --pack K); default: list runs")
     add_data_options(p)
     p.set_defaults(func=cmd_plan)
 
@@ -364,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_suite_options(p)
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     p.add_argument("--no-aggregate", action="store_true", help="skip rendering the report at the end")
+    p.add_argument("--pack", type=int, default=1, help="train up to K compatible runs together as one batched model "
+                   "(same model and schedule; see docs/performance.md); 1: each run alone")
     add_data_options(p)
     add_exec_options(p)
     p.set_defaults(func=cmd_run)

@@ -172,8 +172,10 @@ def verdicts(rows: list[dict]) -> list[dict]:
     # 2. Inception and the MLP still fit random labels with weight decay on.
     accs = {m: get(m, "random", "weight decay") for m in ("inception", "mlp-1x512")}
     known = [a for a in accs.values() if a is not None]
+    cap = max((get(m, "random", "weight decay", "epoch_cap") or 0 for m in accs), default=0)
     out.append({
-        "claim": f"Inception and MLP 1x512 still fit random labels with weight decay (train acc >= {_pct(FIT_ACC)})",
+        "claim": f"Inception and MLP 1x512 still fit random labels with weight decay (train acc >= {_pct(FIT_ACC)} "
+                 f"within {cap} epochs)",
         "holds": None if len(known) < len(accs) else all(a >= FIT_ACC for a in known),
         "evidence": [f"{m}: train acc {_pct(a)} on random labels with weight decay after "
                      f"{_epochs(get(m, 'random', 'weight decay', 'epochs'))} epochs" for m, a in accs.items()],

@@ -95,8 +95,12 @@ def run_specs(
     opts: ExecOptions,
     jobs: int = 1,
     progress: bool | None = None,
+    pack: int = 1,
 ) -> dict[str, str]:
-    """Train every spec not yet finished; returns {run_id: error message} of the runs that failed."""
+    """Train every spec not yet finished; returns {run_id: error message} of the runs that failed.
+
+    With pack > 1, compatible runs train together in packs of up to `pack` (rethink.pack.group_packs).
+    """
     store = open_store(store_url)
     todo = [s for s in specs if store.read_bytes(run_key(s.run_id, "result.json")) is None]
     done_before = len(specs) - len(todo)
@@ -124,7 +128,13 @@ def run_specs(
         else:
             say(f"[{k}/{len(todo)}] {spec.run_id} {spec.label()}: {status}")
 
-    if jobs <= 1:
+    if pack > 1:
+        from rethink.pack import group_packs
+
+        packs = group_packs(todo, pack)
+        say(f"{len(todo)} runs in {len(packs)} packs of up to {pack}")
+        _run_packs(packs, store, store_url, source, opts, jobs, finished)
+    elif jobs <= 1:
         data = None
         for k, spec in enumerate(todo, 1):
             if bar is not None:
@@ -161,6 +171,67 @@ def run_specs(
     if bar is not None:
         bar.close()
     return failures
+
+
+def _train_pack(pack: list[RunSpec], store: Store, data, opts: ExecOptions) -> dict[str, str | None]:
+    """Train one pack; {run_id: error message or None}. A failure fails the members it left unfinished."""
+    from rethink.pack import train_pack
+
+    try:
+        train_pack(pack, store, data, opts)
+        return {s.run_id: None for s in pack}
+    except (Preempted, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        return {s.run_id: None if store.exists(run_key(s.run_id, "result.json")) else record_failure(store, s, e)
+                for s in pack}  # fmt: skip
+
+
+def _train_pack_in_worker(spec_jsons: list[str], store_url: str, source: DataSource, opts: ExecOptions, threads: int):
+    """Runs in a worker process: {run_id: error message or None} for one pack."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if source.data_dir not in _worker_data:
+        _worker_data[source.data_dir] = source.load()
+    return _train_pack([RunSpec.from_json(j) for j in spec_jsons], open_store(store_url), _worker_data[source.data_dir],
+                       opts)  # fmt: skip
+
+
+def _run_packs(packs: list[list[RunSpec]], store: Store, store_url: str, source: DataSource, opts: ExecOptions,
+               jobs: int, finished) -> None:  # fmt: skip
+    """Train packs one after another, or `jobs` at a time in worker processes; report each member's end."""
+    k = 0
+
+    def report(pack: list[RunSpec], errors: dict) -> None:
+        nonlocal k
+        for spec in pack:
+            k += 1
+            finished(spec, errors.get(spec.run_id), k)
+
+    if jobs <= 1:
+        data = source.load()
+        for pack in packs:
+            report(pack, _train_pack(pack, store, data, opts))
+        return
+    import multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    worker_opts = ExecOptions(**{**opts.__dict__, "log": _quiet, "progress": False})
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {
+            pool.submit(_train_pack_in_worker, [s.canonical_json() for s in pack], store_url, source, worker_opts,
+                        threads): pack  # fmt: skip
+            for pack in packs
+        }
+        for fut in as_completed(futures):
+            pack = futures[fut]
+            try:
+                errors = fut.result()
+            except Exception as e:  # the worker process died
+                errors = {s.run_id: record_failure(store, s, e) for s in pack
+                          if not store.exists(run_key(s.run_id, "result.json"))}  # fmt: skip
+            report(pack, errors)
 
 
 def _quiet(msg: str) -> None:

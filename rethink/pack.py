@@ -1,0 +1,649 @@
+"""Packed training: K runs of one architecture and schedule trained in one process as one batched model.
+
+How. The K models' parameters and buffers are stacked along a new leading dimension and one functional
+copy of the module runs under `torch.func.vmap` (`functional_call` on the stacked tensors, the pattern of
+`torch.func.stack_module_state`). A step is then one batched forward and backward: linear layers become
+batched matmuls, convolutions grouped convolutions, and BatchNorm updates each run's own slice of the
+stacked running statistics (evaluation uses them). SGD with momentum is written out on the stacked tensors,
+with each run's own weight decay added to its gradient (wd_k * w_k, what SGD's `weight_decay` does).
+
+What stays per run, exactly as the unpacked trainer (`train.train_run`) draws it: initialization
+(`torch.manual_seed(seed)` then `build_model`), data order and random crops (`epoch_seed(seed, epoch)`),
+label and pixel corruption (`prepare_data`), weight decay, BatchNorm statistics, early stopping at the
+target accuracy, and everything in the store: `runs/<id>/{spec.json, metrics.jsonl, checkpoint.pt,
+result.json}` in the trainer's formats, so a pack resumes from checkpoints the trainer wrote and the other
+way round, and a run finished in a pack is finished for everyone.
+
+What differs: float rounding (batched kernels sum in another order; on the CPU in float32 the metrics agree
+with the unpacked twin's to about 1e-5), and dropout: one random stream serves the whole pack (vmap with
+randomness="different"), so with dropout a packed run draws other masks than its twin. The per-epoch timing
+fields of a member are the pack's wall times (a member's images_per_second is its own progress, K times less
+than the pack's throughput).
+
+Scheduling. A pack trains the members at the same position (epoch, batch) together; members found at
+different positions (a pack killed between two members' checkpoint writes, runs started alone) are split by
+position and each group is trained on its own, a group of one by the unpacked trainer itself. K = 1 therefore
+is the unpacked path. A member that stops (target accuracy, divergence) leaves the pack at that epoch's end:
+its result is written and the remaining members are re-stacked without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+from rethink.corruptions import corrupt_labels
+from rethink.data import Cifar10, preprocess, random_offsets
+from rethink.errors import UserError
+from rethink.models import build_model
+from rethink.spec import RunSpec
+from rethink.store import Store, run_key
+from rethink.train import (
+    CHECKPOINT_FORMAT,
+    ExecOptions,
+    Preempted,
+    _amp,
+    _load_checkpoint,
+    _save_checkpoint,
+    _SigtermFlag,
+    _write_metrics,
+    environment,
+    epoch_seed,
+    prepare_data,
+    read_result,
+    resolve_device,
+    scale_invariant_weights,
+    summarize,
+    train_run,
+)
+
+# Runs may share a pack when these agree: one architecture, one schedule, one data set and subset.
+PACK_FIELDS = ("model", "lr", "momentum", "lr_decay", "batch_size", "epochs", "dropout", "dataset",
+               "train_subset", "test_subset", "track_norms", "version")  # fmt: skip
+
+
+def pack_key(spec: RunSpec) -> tuple:
+    return tuple(getattr(spec, f) for f in PACK_FIELDS)
+
+
+def group_packs(specs: list[RunSpec], k: int) -> list[list[RunSpec]]:
+    """Split specs into packs of at most k compatible runs: by first appearance of each kind, in spec order."""
+    if k < 1:
+        raise UserError(f"--pack must be at least 1, got {k}")
+    kinds: dict[tuple, list[RunSpec]] = {}
+    for s in specs:
+        kinds.setdefault(pack_key(s), []).append(s)
+    return [group[i : i + k] for group in kinds.values() for i in range(0, len(group), k)]
+
+
+def suite_pack(specs: list[RunSpec], k: int, index: int) -> list[RunSpec]:
+    """Pack number `index` of `group_packs(specs, k)`, with a clear error when it does not exist."""
+    packs = group_packs(specs, k)
+    if not 0 <= index < len(packs):
+        raise UserError(f"--pack-index {index} is out of range: the suite has {len(packs)} packs of <= {k} runs "
+                        "(see rethink plan --pack K)")  # fmt: skip
+    return packs[index]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class PackData:
+    """The members' data sets on the device: distinct image sets stored once, labels per member.
+
+    Member k's training images are rows train_base[k] .. train_base[k] + n - 1 of train_pre (train_raw for
+    random crops), so a batch of every member is one gather. Bases and crop flags are host lists (no sync).
+    """
+
+    train_pre: torch.Tensor  # [D*n, 3, 28, 28]
+    train_raw: torch.Tensor | None  # [D*n, 3, 32, 32] when some member crops at random
+    train_y: torch.Tensor  # [K, n]
+    test_pre: torch.Tensor  # [D*m, 3, 28, 28]
+    test_y: torch.Tensor  # [m] (test labels are always the true ones)
+    train_base: list[int]
+    test_base: list[int]
+    crop: list[bool]
+
+    def __post_init__(self):
+        self.n, self.m = self.train_y.shape[1], self.test_y.shape[0]
+        self._derive()
+
+    def _derive(self) -> None:
+        device = self.train_pre.device
+        self.train_base_t = torch.tensor(self.train_base, device=device)
+        self.crop_idx = torch.tensor([k for k, c in enumerate(self.crop) if c], device=device, dtype=torch.long)
+
+    def keep(self, idx: list[int]) -> None:
+        """Keep only the members in `idx` (members that stopped leave)."""
+        self.train_y = self.train_y[torch.tensor(idx, device=self.train_y.device)]
+        self.train_base = [self.train_base[k] for k in idx]
+        self.test_base = [self.test_base[k] for k in idx]
+        self.crop = [self.crop[k] for k in idx]
+        self._derive()
+
+
+def _image_key(s: RunSpec) -> tuple:
+    return (s.pixels, s.data_seed if s.pixels != "none" else None)
+
+
+def _label_key(s: RunSpec) -> tuple:
+    return (s.labels, s.data_seed if s.labels != "true" else None)
+
+
+def prepare_pack_data(specs: list[RunSpec], data: Cifar10, device: torch.device) -> PackData:
+    """Each member's data exactly as `train.prepare_data` makes it, with identical image sets stored once."""
+    image_sets: dict[tuple, int] = {}
+    label_sets: dict[tuple, torch.Tensor] = {}
+    pre, raw, tpre = [], [], []
+    train_base, test_base, ys = [], [], []
+    for s in specs:
+        key = _image_key(s)
+        if key not in image_sets:
+            crops = any(o.random_crop for o in specs if _image_key(o) == key)
+            dd = prepare_data(s.replace(random_crop=crops), data, device)
+            image_sets[key] = len(pre)
+            pre.append(dd.train_pre)
+            raw.append(dd.train_raw)
+            tpre.append(dd.test_pre)
+            test_y = dd.test_y
+            label_sets.setdefault(_label_key(s), dd.train_y)
+        if _label_key(s) not in label_sets:  # the labels prepare_data would make for this spec
+            y = corrupt_labels(data.train_y[: s.train_subset], s.label_noise, s.data_seed)
+            label_sets[_label_key(s)] = torch.from_numpy(y).to(device)
+        d = image_sets[key]
+        n, m = pre[d].shape[0], tpre[d].shape[0]
+        train_base.append(d * n)
+        test_base.append(d * m)
+        ys.append(label_sets[_label_key(s)])
+    train_raw = None
+    if any(r is not None for r in raw):
+        # Sets without crops still need rows here to keep offsets aligned; gaussian sets are float32.
+        dtype = torch.float32 if any(r is not None and r.is_floating_point() for r in raw) else torch.uint8
+        shape = (pre[0].shape[0], 3, 32, 32)
+        train_raw = torch.cat([(r if r is not None else torch.zeros(shape, dtype=dtype, device=device)).to(dtype)
+                               for r in raw])  # fmt: skip
+    return PackData(
+        train_pre=torch.cat(pre) if len(pre) > 1 else pre[0],
+        train_raw=train_raw,
+        train_y=torch.stack(ys),
+        test_pre=torch.cat(tpre) if len(tpre) > 1 else tpre[0],
+        test_y=test_y,
+        train_base=train_base,
+        test_base=test_base,
+        crop=[s.random_crop for s in specs],
+    )
+
+
+def epoch_order(specs: list[RunSpec], epoch: int, n: int, device: torch.device):
+    """Each member's data order [K, n] and crop offsets [K, n, 2] (None: nobody crops), as the trainer draws them."""
+    perms, offsets = [], []
+    for s in specs:
+        g = torch.Generator(device=device)
+        g.manual_seed(epoch_seed(s.seed, epoch))
+        perms.append(torch.randperm(n, generator=g, device=device))
+        offsets.append(random_offsets(n, g, device) if s.random_crop else torch.zeros(n, 2, dtype=torch.long,
+                                                                                        device=device))
+    crops = any(s.random_crop for s in specs)
+    return torch.stack(perms), (torch.stack(offsets) if crops else None)
+
+
+def train_batch(pd: PackData, perm: torch.Tensor, offsets: torch.Tensor | None, b: int, bs: int):
+    """Batch b of every member: inputs [K, B, 3, 28, 28] and labels [K, B]."""
+    idx = perm[:, b * bs : (b + 1) * bs]
+    rows = idx + pd.train_base_t[:, None]
+    y = pd.train_y.gather(1, idx)
+    if offsets is None or not any(pd.crop):
+        return pd.train_pre[rows], y
+    if all(pd.crop):
+        off = offsets.gather(1, idx[:, :, None].expand(-1, -1, 2))
+        x = preprocess(pd.train_raw[rows].flatten(0, 1), off.flatten(0, 1))
+        return x.view(*idx.shape, *x.shape[1:]), y
+    x = pd.train_pre[rows]
+    k = pd.crop_idx
+    off = offsets[k].gather(1, idx[k, :, None].expand(-1, -1, 2))
+    cropped = preprocess(pd.train_raw[rows[k]].flatten(0, 1), off.flatten(0, 1))
+    x[k] = cropped.view(len(pd.crop_idx), idx.shape[1], *cropped.shape[1:])
+    return x, y
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+class PackedModel:
+    """K models of one architecture as stacked tensors, run as one batched model under torch.func.vmap."""
+
+    def __init__(self, name: str, dropout: float, states: list[dict], device: torch.device,
+                 momentum: list[dict] | None = None, compile: bool = False, compile_mode: str | None = None,
+                 track_norms: bool = False):  # fmt: skip
+        self.template = build_model(name, dropout=dropout)  # names, shapes and the checkpoint layout
+        self.param_names = [n for n, _ in self.template.named_parameters()]
+        self.buffer_names = [n for n, _ in self.template.named_buffers()]
+        self.state_names = list(self.template.state_dict())
+        self.base = copy.deepcopy(self.template).to("meta")
+        ids = {id(p): n for n, p in self.template.named_parameters()}
+        self.tracked = [ids[id(w)] for w in scale_invariant_weights(self.template)] if track_norms else []
+        self.params = {n: torch.stack([s[n] for s in states]).to(device).requires_grad_() for n in self.param_names}
+        self.buffers = {n: torch.stack([s[n] for s in states]).to(device) for n in self.buffer_names}
+        # Momentum buffers exist once a step was taken (SGD creates them lazily, and not at all for momentum 0).
+        self.momentum = {n: torch.stack([b[n] for b in momentum]).to(device) for n in self.param_names} if momentum else {}
+
+        def call(params, buffers, x):
+            return functional_call(self.base, (params, buffers), (x,))
+
+        self._forward = vmap(call, in_dims=(0, 0, 0), randomness="different")
+        self._forward_shared = vmap(call, in_dims=(0, 0, None), randomness="different")
+        if compile:
+            self._forward = torch.compile(self._forward, mode=compile_mode)
+            self._forward_shared = torch.compile(self._forward_shared, mode=compile_mode)
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    def forward(self, x: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """Logits [K, B, 10] of inputs [K, B, ...] (or [B, ...] seen by every member when `shared`)."""
+        fn = self._forward_shared if shared else self._forward
+        return fn(self.params, self.buffers, x)
+
+    def train_step(self, x, y, lr: float, momentum: float, weight_decay: torch.Tensor | None, amp: bool):
+        """One SGD step of every member; returns the losses [K] and the tracked weights' squared gradient norms."""
+        self.base.train()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = self.forward(x)
+        k, b = y.shape
+        out = out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 logits -> float32 (float64 stays)
+        losses = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(k, b).mean(dim=1)
+        params = [self.params[n] for n in self.param_names]
+        grads = torch.autograd.grad(losses.sum(), params)
+        grad_sq = None
+        with torch.no_grad():
+            if self.tracked:
+                g = dict(zip(self.param_names, grads))
+                grad_sq = sum(g[n].double().pow(2).flatten(1).sum(1) for n in self.tracked)
+            if weight_decay is not None:  # coupled L2 as SGD's weight_decay: d = g + wd_k * w_k
+                grads = [torch.addcmul(g, weight_decay.view(-1, *[1] * (g.dim() - 1)), p) for g, p in zip(grads, params)]
+            if momentum != 0:
+                if not self.momentum:
+                    self.momentum = {n: g.detach().clone() for n, g in zip(self.param_names, grads)}
+                else:
+                    bufs = [self.momentum[n] for n in self.param_names]
+                    torch._foreach_mul_(bufs, momentum)
+                    torch._foreach_add_(bufs, grads)
+                grads = [self.momentum[n] for n in self.param_names]
+            torch._foreach_add_(params, grads, alpha=-lr)
+        return losses.detach(), grad_sq
+
+    @torch.no_grad()
+    def evaluate(self, pre: torch.Tensor, base: list[int], y: torch.Tensor, count: int, batch: int, amp: bool):
+        """(summed loss [K] float64, correct [K] int64) over rows base[k] .. base[k] + count - 1 of `pre`.
+
+        `y` is [K, count], or [count] when every member has the same labels. No host sync here.
+        """
+        self.base.eval()
+        k = len(base)
+        shared = len(set(base)) == 1  # one image set: every member sees the same inputs, no gather
+        loss = torch.zeros(k, device=pre.device, dtype=torch.float64)
+        correct = torch.zeros(k, device=pre.device, dtype=torch.int64)
+        rows = torch.tensor(base, device=pre.device)[:, None]
+        for i in range(0, count, batch):
+            j = min(i + batch, count)
+            if shared:
+                x = pre[base[0] + i : base[0] + j]
+            else:
+                x = pre[rows + torch.arange(i, j, device=pre.device)]
+            with torch.autocast(pre.device.type, dtype=torch.bfloat16, enabled=amp):
+                out = self.forward(x, shared=shared)
+            out = out.to(torch.promote_types(out.dtype, torch.float32))
+            yb = (y[:, i:j] if y.dim() == 2 else y[i:j].expand(k, -1)).contiguous()
+            loss += F.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none").view(k, -1).sum(1).double()
+            correct += (out.argmax(dim=2) == yb).sum(1)
+        return loss, correct
+
+    def weight_sq(self) -> torch.Tensor | None:
+        """Squared norm [K] of each member's tracked (scale-invariant) weights."""
+        if not self.tracked:
+            return None
+        return sum(self.params[n].detach().double().pow(2).flatten(1).sum(1) for n in self.tracked)
+
+    def keep(self, idx: list[int]) -> None:
+        """Drop every member not in `idx` (members that stopped)."""
+        sel = torch.tensor(idx, device=next(iter(self.params.values())).device)
+        self.params = {n: p.detach()[sel].requires_grad_() for n, p in self.params.items()}
+        self.buffers = {n: b[sel] for n, b in self.buffers.items()}
+        self.momentum = {n: b[sel] for n, b in self.momentum.items()}
+
+    def member_state(self, k: int) -> dict:
+        """Member k's model state dict, as the unpacked model's `state_dict()` (host copies)."""
+        both = {**self.params, **self.buffers}
+        return {n: both[n][k].detach().to("cpu", copy=True) for n in self.state_names}
+
+    def member_momentum(self, k: int) -> dict | None:
+        if not self.momentum:
+            return None
+        return {n: self.momentum[n][k].to("cpu", copy=True) for n in self.param_names}
+
+
+def _sgd(params, spec: RunSpec, device: torch.device) -> torch.optim.SGD:
+    """The trainer's optimizer, configured alike: its state_dict is the checkpoint format."""
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
+                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))  # fmt: skip
+
+
+def optimizer_state(template: torch.nn.Module, spec: RunSpec, device: torch.device, lr: float,
+                    momentum: dict | None) -> dict:  # fmt: skip
+    """The state_dict the trainer's SGD would have with these momentum buffers (None: before the first step)."""
+    opt = _sgd(template.parameters(), spec, device)
+    opt.param_groups[0]["lr"] = lr
+    if momentum is not None:
+        for name, p in template.named_parameters():
+            opt.state[p]["momentum_buffer"] = momentum[name]
+    return opt.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------- members
+
+
+@dataclass
+class _Member:
+    """One run's state between steps, on the host (what a checkpoint holds)."""
+
+    spec: RunSpec
+    model: dict
+    momentum: dict | None
+    metrics: list
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    grad_sq_sum: float = 0.0
+    elapsed: float = 0.0
+    rng: dict | None = None
+    rotate: bool = False
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.epoch, self.batch)
+
+
+def _fresh_state(spec: RunSpec) -> dict:
+    torch.manual_seed(spec.seed)  # as the trainer: the run's seed, then the model
+    return {k: v.detach().clone() for k, v in build_model(spec.model, dropout=spec.dropout).state_dict().items()}
+
+
+def _load_member(spec: RunSpec, store: Store, n_batches: int, log) -> _Member:
+    """The member's state from its checkpoint (validated as the trainer validates it), else a fresh one."""
+    template = build_model(spec.model, dropout=spec.dropout)
+    member = _Member(spec, model=_fresh_state(spec), momentum=None, metrics=[])
+
+    def restore(ckpt: dict) -> None:
+        if ckpt["spec"] != spec.canonical_json():
+            raise ValueError("it was written for a different spec")
+        c_epoch, c_batch, c_step = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["step"])
+        c_metrics = json.loads(ckpt["metrics"])
+        if not (0 <= c_epoch < spec.epochs and 0 <= c_batch <= n_batches and len(c_metrics) == c_epoch
+                and c_step == c_epoch * n_batches + c_batch):  # fmt: skip
+            raise ValueError(f"inconsistent position (epoch {c_epoch}, batch {c_batch}, step {c_step})")
+        rng = ckpt["rng"]
+        if rng["torch"].dtype != torch.uint8 or rng["torch"].numel() != torch.get_rng_state().numel():
+            raise ValueError("bad random number generator state")
+        template.load_state_dict(ckpt["model"])  # raises on a missing key or a wrong shape
+        opt = torch.optim.SGD(template.parameters(), lr=spec.lr, momentum=spec.momentum)
+        opt.load_state_dict(ckpt["optimizer"])
+        momentum = None
+        if spec.momentum != 0 and c_step > 0:
+            momentum = {n: opt.state[p]["momentum_buffer"] for n, p in template.named_parameters()}
+            if any(b is None or b.shape != p.shape for b, p in zip(momentum.values(), template.parameters())):
+                raise ValueError("bad momentum buffers")
+        member.model = {k: v.detach().clone() for k, v in template.state_dict().items()}
+        member.momentum = momentum and {k: v.detach().clone() for k, v in momentum.items()}
+        member.metrics, member.epoch, member.batch, member.step = c_metrics, c_epoch, c_batch, c_step
+        member.loss_sum = float(ckpt["loss_sum"])
+        member.grad_sq_sum = float(ckpt["grad_sq_sum"])
+        member.elapsed, member.rng = float(ckpt["elapsed_in_epoch"]), rng
+
+    ckpt, member.rotate = _load_checkpoint(store, spec.run_id, restore, log)
+    if ckpt is not None:
+        log(f"run {spec.run_id}: resuming at epoch {member.epoch + 1}, batch {member.batch} (step {member.step})")
+    elif store.exists(run_key(spec.run_id, "checkpoint.pt")) or store.exists(run_key(spec.run_id, "checkpoint.prev.pt")):
+        log(f"run {spec.run_id}: no usable checkpoint; starting over")
+    return member
+
+
+# ---------------------------------------------------------------------------------------------- the pack
+
+
+def check_packable(specs: list[RunSpec]) -> None:
+    keys = {pack_key(s) for s in specs}
+    if len(keys) > 1:
+        raise UserError("runs in one pack must share " + ", ".join(PACK_FIELDS) + "; use group_packs to split them")
+    if len({s.run_id for s in specs}) != len(specs):
+        raise UserError("a pack lists the same run twice")
+
+
+def train_pack(specs: list[RunSpec], store: Store, data: Cifar10, opts: ExecOptions | None = None,
+               compile_mode: str | None = None) -> dict[str, dict]:  # fmt: skip
+    """Train every unfinished run of a pack to its end in `store`; returns {run_id: result record}."""
+    opts = opts or ExecOptions()
+    log = opts.log
+    check_packable(specs)
+    results: dict[str, dict] = {}
+    todo = []
+    for s in specs:
+        done = read_result(store, s.run_id, log)
+        if done is not None:
+            results[s.run_id] = done
+        else:
+            todo.append(s)
+    if len(specs) > 1 and results:
+        log(f"pack: {len(results)} of {len(specs)} runs already finished")
+    if len(todo) <= 1:
+        for s in todo:
+            results[s.run_id] = train_run(s, store, data, opts)
+        return results
+    # SIGTERM is caught from the start, as the trainer does: one arriving while data loads stops the pack at
+    # its first step boundary, checkpoints written.
+    with _SigtermFlag() as sigterm:
+        n = len(data.train_y[: todo[0].train_subset])
+        n_batches = math.ceil(n / todo[0].batch_size)
+        members = [_load_member(s, store, n_batches, log) for s in todo]
+        groups: dict[tuple, list[_Member]] = {}
+        for m in members:
+            groups.setdefault(m.position, []).append(m)
+        if len(groups) > 1:
+            log(f"pack: members at {len(groups)} different positions; training each position's group on its own")
+        for position in sorted(groups, reverse=True):  # the most advanced first: they finish soonest
+            group = groups[position]
+            if sigterm.set:  # between groups nothing is half done: every member's checkpoint is current
+                raise Preempted("pack: SIGTERM; every member's checkpoint is current, exiting 143")
+            if len(group) == 1:
+                results[group[0].spec.run_id] = train_run(group[0].spec, store, data, opts)
+            else:
+                results.update(_train_together(group, store, data, opts, compile_mode, sigterm))
+    return {s.run_id: results[s.run_id] for s in specs}
+
+
+def _save_member(store: Store, pm: PackedModel, k: int, member: _Member, device, lr: float, batch: int,
+                 step: int, epoch: int, loss_sum, grad_sq_sum, t_epoch: float) -> None:  # fmt: skip
+    """Member k's checkpoint, in the unpacked trainer's format."""
+    spec = member.spec
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "run_id": spec.run_id,
+        "spec": spec.canonical_json(),
+        "epoch": epoch,
+        "batch": batch,
+        "step": step,
+        "model": pm.member_state(k),
+        "optimizer": optimizer_state(pm.template, spec, device, lr, pm.member_momentum(k)),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+        },
+        "loss_sum": loss_sum.detach().to("cpu", copy=True),
+        "grad_sq_sum": grad_sq_sum.detach().to("cpu", copy=True),
+        "elapsed_in_epoch": t_epoch,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "metrics": json.dumps(member.metrics),
+    }
+    _save_checkpoint(store, spec.run_id, state, member.rotate)
+    member.rotate = True
+
+
+def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: ExecOptions,
+                    compile_mode: str | None, sigterm: _SigtermFlag) -> dict[str, dict]:  # fmt: skip
+    """Train members that stand at the same position as one packed model, to the end of each."""
+    log = opts.log
+    device = resolve_device(opts.device)
+    amp = _amp(opts, device)
+    spec0 = members[0].spec
+    env = environment(device, opts)
+    env["channels_last"] = False  # a packed model runs 5-d batches; channels_last does not apply
+    env["pack"] = {"size": len(members), "run_ids": [m.spec.run_id for m in members]}
+    for m in members:
+        key = run_key(m.spec.run_id, "spec.json")
+        if not store.exists(key):
+            store.write_text(key, json.dumps(m.spec.to_dict(), indent=2, sort_keys=True) + "\n")
+        _write_metrics(store, m.spec.run_id, m.metrics)  # drop any line written after the checkpoint
+
+    pd = prepare_pack_data([m.spec for m in members], data, device)
+    momentum = [m.momentum for m in members] if members[0].momentum is not None else None
+    pm = PackedModel(spec0.model, spec0.dropout, [m.model for m in members], device, momentum,
+                     compile=opts.compile, compile_mode=compile_mode, track_norms=spec0.track_norms)  # fmt: skip
+    n, bs = pd.n, spec0.batch_size
+    n_batches = math.ceil(n / bs)
+    epoch, batch_start, step = members[0].epoch, members[0].batch, members[0].step
+    loss_sum = torch.tensor([m.loss_sum for m in members], device=device, dtype=torch.float64)
+    grad_sq_sum = torch.tensor([m.grad_sq_sum for m in members], device=device, dtype=torch.float64)
+    elapsed = [m.elapsed for m in members]
+    rng_state = members[0].rng
+    eval_batch = opts.eval_batch or (4096 if device.type == "cuda" else 1000)
+    progress = opts.progress if opts.progress is not None else sys.stderr.isatty()
+    results: dict[str, dict] = {}
+    log(f"pack of {len(members)} {spec0.model} runs: {n} train / {pd.m} test images each on {device}; "
+        f"results in {store.where('runs')}/<run id>")  # fmt: skip
+
+    def weight_decay():
+        wd = [m.spec.weight_decay for m in members]
+        return None if not any(wd) else torch.tensor(wd, device=device, dtype=torch.float32)
+
+    wd = weight_decay()
+
+    def save_all(batch: int, t: float) -> None:
+        for k, m in enumerate(members):
+            _save_member(store, pm, k, m, device, lr, batch, step, epoch, loss_sum[k], grad_sq_sum[k], elapsed[k] + t)
+
+    while members:
+        specs = [m.spec for m in members]
+        lr = spec0.lr * spec0.lr_decay**epoch
+        perm, offsets = epoch_order(specs, epoch, n, device)
+        if batch_start > 0 and rng_state is not None:  # mid-epoch resume: continue the dropout stream
+            torch.set_rng_state(rng_state["torch"].cpu())
+            if "cuda" in rng_state:
+                torch.cuda.set_rng_state(rng_state["cuda"].cpu(), device)
+        else:
+            torch.manual_seed(epoch_seed(spec0.seed, epoch) + 1)
+        rng_state = None
+        t0 = time.perf_counter()
+        last_ckpt = t0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_batches, initial=batch_start, desc=f"pack epoch {epoch + 1}/{spec0.epochs}",
+                       leave=False, file=sys.stderr)  # fmt: skip
+        for b in range(batch_start, n_batches):
+            x, y = train_batch(pd, perm, offsets, b, bs)
+            losses, grad_sq = pm.train_step(x, y, lr, spec0.momentum, wd, amp)
+            loss_sum += losses.double()
+            if grad_sq is not None:
+                grad_sq_sum += grad_sq
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            now = time.perf_counter()
+            if sigterm.set:
+                if bar is not None:
+                    bar.close()
+                save_all(b + 1, now - t0)
+                raise Preempted(f"pack of {len(members)}: SIGTERM; checkpoints written at step {step}, exiting 143")
+            if b + 1 < n_batches and now - last_ckpt > 60 * opts.checkpoint_minutes:
+                save_all(b + 1, now - t0)
+                last_ckpt = now
+        if bar is not None:
+            bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t_train = time.perf_counter() - t0
+        tl, tc = pm.evaluate(pd.train_pre, pd.train_base, pd.train_y, n, eval_batch, amp)
+        vl, vc = pm.evaluate(pd.test_pre, pd.test_base, pd.test_y, pd.m, eval_batch, amp)
+        rows = [loss_sum / n_batches, tl, tc.double(), vl, vc.double()]
+        wsq = pm.weight_sq()
+        if wsq is not None:
+            rows += [wsq, grad_sq_sum / n_batches]
+        vals = torch.stack(rows).T.tolist()  # the epoch's one host sync
+        t_epoch = time.perf_counter() - t0
+        epoch += 1
+        accs = [v[2] / n for v in vals]
+        log(f"pack epoch {epoch}/{spec0.epochs}: {len(members)} runs, train loss "
+            f"{min(v[0] for v in vals):.4f}..{max(v[0] for v in vals):.4f}, train acc {min(accs):.4f}.."
+            f"{max(accs):.4f} ({len(members) * n / max(t_train, 1e-9):.0f} img/s)")  # fmt: skip
+        keep: list[int] = []
+        for k, (m, v) in enumerate(zip(members, vals)):
+            rec = {
+                "epoch": epoch,
+                "step": step,
+                "lr": lr,
+                "train_loss": v[0],
+                "train_acc": v[2] / n,
+                "train_eval_loss": v[1] / n,
+                "test_loss": v[3] / pd.m,
+                "test_acc": v[4] / pd.m,
+                "epoch_seconds": elapsed[k] + t_epoch,
+                "train_seconds": elapsed[k] + t_train,
+                "eval_seconds": t_epoch - t_train,
+                "images_per_second": n / max(elapsed[k] + t_train, 1e-9),
+            }
+            if wsq is not None:
+                rec["weight_norm"] = math.sqrt(v[5])
+                rec["effective_lr"] = lr / v[5] if v[5] > 0 else float("inf")
+                rec["grad_norm"] = math.sqrt(v[6])
+            m.metrics.append(rec)
+            _write_metrics(store, m.spec.run_id, m.metrics)
+            stopped = "cap"
+            if not math.isfinite(rec["train_loss"]):
+                stopped = "diverged"
+            elif m.spec.target_train_acc is not None and rec["train_acc"] >= m.spec.target_train_acc:
+                stopped = "target"
+            if stopped != "cap" or epoch == m.spec.epochs:
+                result = summarize(m.spec, m.metrics, stopped, env, data.description)
+                store.write_text(run_key(m.spec.run_id, "result.json"), json.dumps(result, indent=2) + "\n")
+                store.delete(run_key(m.spec.run_id, "error.json"))
+                results[m.spec.run_id] = result
+                log(f"run {m.spec.run_id} finished ({stopped}) in a pack: train acc "
+                    f"{result['final_train_acc']:.4f}, test acc {result['final_test_acc']:.4f}")  # fmt: skip
+            else:
+                keep.append(k)
+        batch_start = 0
+        elapsed = [0.0] * len(members)
+        loss_sum = torch.zeros(len(members), device=device, dtype=torch.float64)
+        grad_sq_sum = torch.zeros(len(members), device=device, dtype=torch.float64)
+        if len(keep) < len(members):
+            members = [members[k] for k in keep]
+            if not members:
+                break
+            pm.keep(keep)
+            pd.keep(keep)
+            wd = weight_decay()
+            elapsed, loss_sum, grad_sq_sum = elapsed[: len(keep)], loss_sum[: len(keep)], grad_sq_sum[: len(keep)]
+        save_all(0, 0.0)
+    return results
