@@ -459,6 +459,38 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(p)
     p.set_defaults(func=cmd_kernel)
 
+    # The speed benchmark: handler in rethink/bench.py (fields of --json in docs/performance.md).
+    p = _parser(sub, "bench", "measure training/evaluation throughput, seconds per epoch, FLOPs and utilization "
+                "of one model (optionally against the typical DataLoader pipeline)")
+    p.add_argument("--model", choices=MODELS, required=True, help="model to measure")
+    p.add_argument("--pack", type=int, default=1, help="runs trained together as one batched model")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs); default: torch's default")
+    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast (on by default on CUDA only)")
+    p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
+    p.add_argument("--steps", type=int, default=50, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator warm-up)")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="also time this many whole epochs of the real trainer (after one warm-up epoch)")
+    p.add_argument("--train-images", type=int, default=None,
+                   help="training images (default: enough for the steps, at most 50000; 50000 with --epochs)")
+    p.add_argument("--test-images", type=int, default=None,
+                   help="test images (default: a fifth of the training images; 10000 with --epochs)")
+    p.add_argument("--data-dir", default=None, help="read cifar-10-batches-py/ there; default: random images in memory")
+    p.add_argument("--baseline", action="store_true",
+                   help="also measure the typical pipeline (PIL transforms, DataLoader, eager fp32) and the ratio")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the --baseline pipeline")
+    p.add_argument("--json", action="store_true", help="print the record as JSON (fields: docs/performance.md)")
+
+    def cmd_bench(args) -> int:
+        from rethink.bench import run_cli
+
+        return run_cli(args)
+
+    p.set_defaults(func=cmd_bench)
+
     return parser
 
 

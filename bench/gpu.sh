@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The benchmark matrix of docs/performance.md on one GPU, then a one-screen table. Under 8 minutes on an H100.
+#
+#   bench/gpu.sh                 # on the GPU machine
+#   bench/gpu.sh --device cpu    # dry run of every command with tiny step counts (a few minutes on a CPU)
+#
+# Writes to $OUT when set, else ./bench-results/: bench.jsonl (one `rethink bench --json` record per line, with
+# its name), summary.txt, pytest.txt (the GPU correctness tests), log.txt (each command's stderr). Installs
+# nothing: it needs the repository and its virtual environment (.venv is activated when present).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=cuda
+if [[ "${1:-}" == "--device" ]]; then DEVICE="${2:?--device needs a value}"; fi
+OUTDIR="${OUT:-./bench-results}"
+BUDGET="${BENCH_BUDGET_S:-420}"  # no new measurement starts after this many seconds
+mkdir -p "$OUTDIR"
+rm -f "$OUTDIR/bench.jsonl"
+if [[ -f .venv/bin/activate ]]; then . .venv/bin/activate; fi
+RECORDS="$(mktemp -d)"
+trap 'rm -rf "$RECORDS"' EXIT
+: >"$OUTDIR/log.txt"
+START=$(date +%s)
+
+if [[ "$DEVICE" == cpu ]]; then
+  STEPS=(--steps 2 --warmup 1)
+  EPOCHS=(--epochs 1 --train-images 512 --test-images 128)
+  BIG_PACK=16
+  COMPILE=()  # compiling the convolutional models takes minutes on a CPU: the dry run compiles only the MLPs
+  LIMIT=600
+  BUDGET="${BENCH_BUDGET_S:-1800}"
+else
+  STEPS=(--steps 100 --warmup 20)
+  EPOCHS=(--epochs 2)  # 50k-image epochs of the real trainer after one warm-up epoch
+  BIG_PACK=64
+  COMPILE=(--compile)
+  LIMIT=240
+fi
+
+elapsed() { echo $(($(date +%s) - START)); }
+
+bench() {  # bench NAME ARGS...: one record, skipped once the time budget is spent
+  local name=$1
+  shift
+  if (($(elapsed) > BUDGET)); then
+    echo "skip $name: time budget of ${BUDGET}s spent" | tee -a "$OUTDIR/log.txt"
+    return
+  fi
+  echo "[$(elapsed)s] $name: rethink bench $*" | tee -a "$OUTDIR/log.txt"
+  if timeout "$LIMIT" python -m rethink bench --device "$DEVICE" --json "$@" >"$RECORDS/$name.json.part" \
+    2>>"$OUTDIR/log.txt"; then
+    mv "$RECORDS/$name.json.part" "$RECORDS/$name.json"
+  else
+    echo "FAILED $name (exit $?): see log.txt" | tee -a "$OUTDIR/log.txt"
+  fi
+}
+
+if command -v nvidia-smi >/dev/null && [[ "$DEVICE" != cpu ]]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUTDIR/log.txt" 2>&1
+fi
+
+# 1. The targets first: Inception (s/epoch, x baseline), AlexNet (s/epoch), packed MLP (run-epochs/s).
+bench inception-bf16-compile --model inception "${COMPILE[@]}" "${STEPS[@]}" "${EPOCHS[@]}" --baseline
+bench alexnet-bf16-compile --model alexnet "${COMPILE[@]}" "${STEPS[@]}" "${EPOCHS[@]}"
+bench mlp1-pack$BIG_PACK --model mlp-1x512 --pack "$BIG_PACK" "${STEPS[@]}" "${EPOCHS[@]}"
+bench mlp1-pack8 --model mlp-1x512 --pack 8 "${STEPS[@]}"
+
+# 2. Correctness on the device: bf16 vs fp32 and compiled vs eager losses, packs vs unpacked twins.
+if (($(elapsed) <= BUDGET)); then
+  echo "[$(elapsed)s] pytest -m gpu" | tee -a "$OUTDIR/log.txt"
+  timeout "$LIMIT" python -m pytest -q -m gpu -p no:cacheprovider tests/test_bench.py tests/test_pack.py \
+    >"$OUTDIR/pytest.txt" 2>&1
+  echo "pytest -m gpu: exit $? ($(tail -n 1 "$OUTDIR/pytest.txt"))" | tee -a "$OUTDIR/log.txt"
+fi
+
+# 3. Every model in eager fp32 and in bf16 (+ channels_last for the convolutional ones).
+for model in inception inception-nobn alexnet mlp-3x512 mlp-1x512; do
+  bench "$model-fp32" --model "$model" --no-amp "${STEPS[@]}"
+  bench "$model-bf16" --model "$model" "${STEPS[@]}"
+done
+
+# 4. The rest: compile where not measured yet, CUDA graphs, more packs.
+bench mlp1-bf16-compile --model mlp-1x512 --compile "${STEPS[@]}"
+bench mlp1-pack$BIG_PACK-compile --model mlp-1x512 --pack "$BIG_PACK" --compile "${STEPS[@]}"
+bench mlp3-pack$BIG_PACK --model mlp-3x512 --pack "$BIG_PACK" "${STEPS[@]}"
+bench mlp3-pack8 --model mlp-3x512 --pack 8 "${STEPS[@]}"
+bench alexnet-pack8 --model alexnet --pack 8 "${STEPS[@]}"
+bench inception-pack8 --model inception --pack 8 "${STEPS[@]}"
+if [[ "$DEVICE" != cpu ]]; then
+  bench alexnet-cudagraphs --model alexnet --compile --compile-mode reduce-overhead "${STEPS[@]}"
+  bench inception-cudagraphs --model inception --compile --compile-mode reduce-overhead "${STEPS[@]}"
+  bench nobn-bf16-compile --model inception-nobn --compile "${STEPS[@]}"
+fi
+bench mlp3-bf16-compile --model mlp-3x512 --compile "${STEPS[@]}"
+
+python -m rethink.bench collect "$RECORDS" "$OUTDIR/bench.jsonl" >>"$OUTDIR/log.txt"
+python -m rethink.bench summarize "$OUTDIR/bench.jsonl" | tee "$OUTDIR/summary.txt"
+echo "done in $(elapsed)s; results in $OUTDIR"

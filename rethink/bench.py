@@ -1,0 +1,544 @@
+"""`rethink bench`: training and evaluation throughput, seconds per epoch, FLOPs and utilization of one model.
+
+What is timed is the trainer's own work: the same resident data, preprocessing, step and evaluation as
+`train.train_run` (K = 1) or `pack.train_pack` (K > 1), on synthetic images of CIFAR's shape held in
+memory (or the files under --data-dir). Rates are steady state: `warmup` steps (and one evaluation pass)
+run first, so compilation and allocator warm-up are not counted; CUDA events time the GPU, perf_counter
+the CPU. `--epochs E` also runs the real trainer end to end for 1 + E epochs and reports its own clocks.
+`--baseline` measures the typical pipeline of rethink/baseline.py on the same device and data.
+
+FLOPs are counted by torch.utils.flop_counter (matmuls and convolutions, forward and backward; elementwise
+work is not counted), so utilization is a lower bound of the work the device does. Peaks are the vendors'
+data-sheet dense figures; the CPU figure is a rough estimate and says how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rethink.data import Cifar10, preprocess
+from rethink.errors import UserError
+from rethink.models import MODELS, build_model
+from rethink.spec import RunSpec
+
+EPOCH_TRAIN, EPOCH_EVAL = 50_000, 60_000  # a CIFAR-10 epoch: train on 50k, then evaluate 50k train + 10k test
+
+# Dense data-sheet peaks in TFLOP/s: (name fragment, label, bf16 tensor-core, fp32 without tensor cores).
+# First match wins, so the more specific names come first.
+GPU_PEAKS = (
+    ("H200", "NVIDIA H200", 989.0, 66.9),
+    ("H100 PCIe", "NVIDIA H100 PCIe", 756.0, 51.2),
+    ("H100 NVL", "NVIDIA H100 NVL", 835.0, 60.0),
+    ("H100", "NVIDIA H100 SXM", 989.0, 66.9),
+    ("A100", "NVIDIA A100", 312.0, 19.5),
+    ("L40S", "NVIDIA L40S", 362.0, 91.6),
+    ("L4", "NVIDIA L4", 121.0, 30.3),
+)
+
+# Fields of `rethink bench --json` (documented in docs/performance.md).
+FIELDS = (
+    "model", "pack", "device", "device_name", "torch", "python", "rethink", "threads", "date",
+    "precision", "channels_last", "compile", "compile_mode", "batch_size", "warmup", "steps",
+    "train_images", "test_images", "data",
+    "train_images_per_s", "eval_images_per_s", "epoch_seconds", "run_epochs_per_s",
+    "flops_per_train_image", "flops_per_eval_image", "train_tflops", "peak_tflops", "peak", "mfu",
+    "measured", "baseline", "speedup", "measured_speedup",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+def device_peak(device: torch.device, amp: bool) -> tuple[float | None, str]:
+    """(peak TFLOP/s or None, which figure that is) for the precision the run computes in."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, label, bf16, fp32 in GPU_PEAKS:
+            if fragment in name:
+                if amp:
+                    return bf16, f"{label} bf16 dense (data sheet)"
+                return fp32, f"{label} fp32 without tensor cores (data sheet; cuDNN may run convolutions in TF32)"
+        return None, f"unknown ({name} is not in bench.GPU_PEAKS)"
+    return cpu_peak()
+
+
+def cpu_name() -> str:
+    """The CPU's model name and logical CPU count, e.g. 'AMD EPYC (2 CPUs)'."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "cpu"
+    return f"{name} ({os.cpu_count()} CPUs)"
+
+
+def cpu_peak() -> tuple[float | None, str]:
+    """A rough fp32 peak: threads x clock x FLOP per cycle (two FMA units of the widest vectors)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None, "unknown (no /proc/cpuinfo)"
+    mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
+    per_cycle = 64 if "avx512f" in flags else 32 if "fma" in flags else 8
+    if not mhz:
+        return None, "unknown (no clock in /proc/cpuinfo)"
+    threads = torch.get_num_threads()
+    peak = threads * max(mhz) / 1e3 * per_cycle / 1e3
+    return peak, (f"rough CPU fp32 estimate: {threads} threads x {max(mhz) / 1e3:.2f} GHz x {per_cycle} FLOP/cycle")
+
+
+def flops_per_image(name: str, batch: int = 2) -> tuple[float, float]:
+    """(training fwd+bwd, evaluation fwd) FLOPs per image, counted by FlopCounterMode on the CPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(name)
+    x = torch.randn(batch, 3, 28, 28)
+    y = torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as fc:
+        F.cross_entropy(model(x), y).backward()
+    train = fc.get_total_flops() / batch
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    return train, fc.get_total_flops() / batch
+
+
+def random_images(n_train: int, n_test: int, seed: int = 0) -> Cifar10:
+    """Uniformly random CIFAR-shaped images and labels in memory (throughput does not depend on content)."""
+    rng = np.random.default_rng(seed)
+    return Cifar10(
+        train_x=rng.integers(0, 256, size=(n_train, 3, 32, 32), dtype=np.uint8),
+        train_y=rng.integers(0, 10, size=n_train).astype(np.int64),
+        test_x=rng.integers(0, 256, size=(n_test, 3, 32, 32), dtype=np.uint8),
+        test_y=rng.integers(0, 10, size=n_test).astype(np.int64),
+        synthetic=True,
+        identity=f"bench-random-n{n_train}-m{n_test}-s{seed}",
+        path="(random images in memory)",
+    )
+
+
+class Timer:
+    """Seconds between start() and stop(): CUDA events on a GPU (no sync inside), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            return self.begin.elapsed_time(end) / 1e3
+        return time.perf_counter() - self.t0
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+
+
+def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: bool, channels_last: bool,
+                    compile: bool, compile_mode: str | None, warmup: int, steps: int, eval_batch: int) -> dict:  # fmt: skip
+    """Steady-state rates of the unpacked trainer's step and evaluation (the body of train.train_run's loop)."""
+    from rethink.data import random_offsets
+    from rethink.train import epoch_seed, evaluate, prepare_data
+
+    dd = prepare_data(spec, data, device)
+    use_cl = channels_last and not spec.model.startswith("mlp")
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model).to(device)
+    if use_cl:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
+                          **({"fused": True} if device.type == "cuda" else {"foreach": True}))  # fmt: skip
+    compiled = torch.compile(model, mode=compile_mode) if compile else model
+    n, bs = dd.n_train, spec.batch_size
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    order = {"epoch": -1}
+
+    def new_epoch():
+        order["epoch"] += 1
+        g = torch.Generator(device=device)
+        g.manual_seed(epoch_seed(spec.seed, order["epoch"]))
+        order["perm"] = torch.randperm(n, generator=g, device=device)
+        order["offsets"] = random_offsets(n, g, device) if spec.random_crop else None
+
+    def step(b: int):
+        nonlocal loss_sum
+        idx = order["perm"][b * bs : (b + 1) * bs]
+        x = preprocess(dd.train_raw[idx], order["offsets"][idx]) if order["offsets"] is not None else dd.train_pre[idx]
+        if use_cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = compiled(x)
+        loss = F.cross_entropy(out.float(), dd.train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach().double()
+
+    def evaluate_all():
+        evaluate(compiled, dd.train_pre, dd.train_y, eval_batch, amp, use_cl)
+        return evaluate(compiled, dd.test_pre, dd.test_y, eval_batch, amp, use_cl)[0]
+
+    return _measure(step, evaluate_all, new_epoch, math.ceil(n / bs), device, warmup, steps, bs,
+                    n + dd.test_y.shape[0], lambda: compiled.train())  # fmt: skip
+
+
+def measure_pack(specs: list[RunSpec], data: Cifar10, device: torch.device, amp: bool, compile: bool,
+                 compile_mode: str | None, warmup: int, steps: int, eval_batch: int) -> dict:  # fmt: skip
+    """Steady-state rates of a pack's step and evaluation (the body of pack.train_pack's loop)."""
+    from rethink.pack import PackedModel, _fresh_state, epoch_order, prepare_pack_data, train_batch
+
+    pd = prepare_pack_data(specs, data, device)
+    pm = PackedModel(specs[0].model, 0.0, [_fresh_state(s) for s in specs], device, compile=compile,
+                     compile_mode=compile_mode)  # fmt: skip
+    spec = specs[0]
+    bs = spec.batch_size
+    loss_sum = torch.zeros(len(specs), device=device, dtype=torch.float64)
+    order = {"epoch": -1}
+
+    def new_epoch():
+        order["epoch"] += 1
+        order["perm"], order["offsets"] = epoch_order(specs, order["epoch"], pd.n, device)
+
+    def step(b: int):
+        nonlocal loss_sum
+        x, y = train_batch(pd, order["perm"], order["offsets"], b, bs)
+        losses, _ = pm.train_step(x, y, spec.lr, spec.momentum, None, amp)
+        loss_sum += losses.double()
+
+    def evaluate_all():
+        pm.evaluate(pd.train_pre, pd.train_base, pd.train_y, pd.n, eval_batch, amp)
+        return pm.evaluate(pd.test_pre, pd.test_base, pd.test_y, pd.m, eval_batch, amp)[0]
+
+    return _measure(step, evaluate_all, new_epoch, math.ceil(pd.n / bs), device, warmup, steps, bs * len(specs),
+                    (pd.n + pd.m) * len(specs), lambda: None)  # fmt: skip
+
+
+def _measure(step, evaluate_all, new_epoch, n_batches, device, warmup, steps, images_per_step, eval_images,
+             train_mode) -> dict:  # fmt: skip
+    """Time `steps` steps after `warmup` steps, then one evaluation pass after a warm-up pass."""
+    b = n_batches
+
+    def run(count: int) -> None:
+        nonlocal b
+        for _ in range(count):
+            if b >= n_batches:  # a new epoch: a new data order
+                new_epoch()
+                b = 0
+            step(b)
+            b += 1
+
+    timer = Timer(device)
+    run(warmup)
+    evaluate_all()  # warm-up pass (compiles the evaluation graphs too)
+    train_mode()
+    timer.start()
+    run(steps)
+    t_train = timer.stop()
+    timer.start()
+    last = evaluate_all()
+    t_eval = timer.stop()
+    if not bool(torch.isfinite(last).all()):
+        raise UserError("the benchmark's evaluation loss is not finite: the measured step is broken")
+    return {"train_images_per_s": steps * images_per_step / t_train, "eval_images_per_s": eval_images / t_eval}
+
+
+def measure_epochs(specs: list[RunSpec], data: Cifar10, device_name: str, amp: bool | None, compile: bool,
+                   compile_mode: str | None, epochs: int) -> dict:  # fmt: skip
+    """1 + `epochs` epochs of the real trainer (K = 1) or pack (K > 1) in a temporary store; its own clocks."""
+    import tempfile
+
+    from rethink.pack import train_pack
+    from rethink.store import LocalStore
+    from rethink.train import ExecOptions, read_metrics, train_run
+
+    specs = [s.replace(epochs=1 + epochs) for s in specs]
+    opts = ExecOptions(device=device_name, amp=amp, compile=compile, progress=False, log=lambda m: None)
+    with tempfile.TemporaryDirectory(prefix="rethink-bench-") as tmp:
+        store = LocalStore(tmp)
+        if len(specs) == 1:
+            train_run(specs[0], store, data, opts)
+        else:
+            train_pack(specs, store, data, opts, compile_mode=compile_mode)
+        metrics = read_metrics(store, specs[0].run_id)[1:]  # the first epoch is the warm-up
+    epoch = sum(m["epoch_seconds"] for m in metrics) / len(metrics)
+    train = sum(m["train_seconds"] for m in metrics) / len(metrics)
+    return {"epochs": len(metrics), "epoch_seconds": epoch, "train_seconds": train, "eval_seconds": epoch - train,
+            "run_epochs_per_s": len(specs) / epoch}  # fmt: skip
+
+
+def baseline_data(data: Cifar10, data_dir: str | None, n_train: int, n_test: int):
+    """The arrays the baseline's Dataset holds: read from the files again when there are files."""
+    from rethink.baseline import Cifar10Images
+
+    if data_dir is None:
+        return data.train_x[:n_train], data.train_y[:n_train], data.test_x[:n_test], data.test_y[:n_test]
+    train = Cifar10Images.from_dir(data_dir, train=True, limit=n_train)
+    test = Cifar10Images.from_dir(data_dir, train=False, limit=n_test)
+    return (train.data.transpose(0, 3, 1, 2), np.asarray(train.targets), test.data.transpose(0, 3, 1, 2),
+            np.asarray(test.targets))  # fmt: skip
+
+
+def epoch_seconds(train_ips: float, eval_ips: float, k: int = 1) -> float:
+    """Seconds of one CIFAR-10 epoch of all k runs: 50k training images, then evaluation of 50k + 10k."""
+    return k * (EPOCH_TRAIN / train_ips + EPOCH_EVAL / eval_ips)
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False, compile_mode: str | None = None,
+          amp: bool | None = None, batch_size: int = 128, steps: int = 50, warmup: int = 10,
+          data_dir: str | None = None, baseline: bool = False, workers: int = 2, epochs: int = 0,
+          train_images: int | None = None, test_images: int | None = None, log=print) -> dict:  # fmt: skip
+    """Measure one configuration; the record `rethink bench --json` prints."""
+    import rethink
+    from rethink.train import resolve_device
+
+    if model not in MODELS:
+        raise UserError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+    if pack < 1 or steps < 1 or warmup < 0 or batch_size < 1 or epochs < 0:
+        raise UserError("--pack, --steps and --batch-size must be at least 1; --warmup and --epochs at least 0")
+    dev = resolve_device(device)
+    amp = (dev.type == "cuda") if amp is None else amp
+    channels_last = dev.type == "cuda" and pack == 1 and not model.startswith("mlp")
+    if train_images is None:
+        train_images = 50_000 if epochs else min(50_000, (warmup + steps) * batch_size)
+    if test_images is None:
+        test_images = 10_000 if epochs else max(batch_size, train_images // 5)
+    if data_dir is not None:
+        from rethink.data import load_cifar10
+
+        data = load_cifar10(data_dir, download=False)
+        train_images, test_images = min(train_images, len(data.train_y)), min(test_images, len(data.test_y))
+    else:
+        data = random_images(train_images, test_images)
+    spec = RunSpec(model=model, dataset=data.identity, batch_size=batch_size, train_subset=train_images,
+                   test_subset=test_images, epochs=1)  # fmt: skip
+    specs = [spec.replace(seed=k) for k in range(pack)]
+    eval_batch = 4096 if dev.type == "cuda" else 1000
+    log(f"bench {model}: pack {pack}, {dev}, {'bf16' if amp else 'fp32'}{' + compile' if compile else ''}, "
+        f"{warmup} warm-up + {steps} timed steps of {batch_size} on {train_images} / {test_images} images")  # fmt: skip
+    if pack == 1:
+        rates = measure_trainer(spec, data, dev, amp, channels_last, compile, compile_mode, warmup, steps, eval_batch)
+    else:
+        rates = measure_pack(specs, data, dev, amp, compile, compile_mode, warmup, steps, eval_batch)
+    train_flops, eval_flops = flops_per_image(model)
+    peak, peak_name = device_peak(dev, amp)
+    tflops = train_flops * rates["train_images_per_s"] / 1e12
+    seconds = epoch_seconds(rates["train_images_per_s"], rates["eval_images_per_s"], pack)  # all K runs
+    record = {
+        "model": model,
+        "pack": pack,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "rethink": rethink.__version__,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "precision": "bf16 autocast" if amp else "fp32",
+        "channels_last": channels_last,
+        "compile": compile,
+        "compile_mode": compile_mode if compile else None,
+        "batch_size": batch_size,
+        "warmup": warmup,
+        "steps": steps,
+        "train_images": train_images,
+        "test_images": test_images,
+        "data": data.description if data_dir else data.path,
+        **rates,
+        "epoch_seconds": seconds,
+        "run_epochs_per_s": pack / seconds,
+        "flops_per_train_image": train_flops,
+        "flops_per_eval_image": eval_flops,
+        "train_tflops": tflops,
+        "peak_tflops": peak,
+        "peak": peak_name,
+        "mfu": tflops / peak if peak else None,
+        "measured": None,
+        "baseline": None,
+        "speedup": None,
+        "measured_speedup": None,
+    }
+    if epochs:
+        log(f"bench {model}: {1 + epochs} epochs of the real trainer (the first is warm-up)")
+        record["measured"] = measure_epochs(specs, data, str(dev), amp, compile, compile_mode, epochs)
+    if baseline:
+        from rethink import baseline as typical
+
+        log(f"bench {model}: the typical pipeline ({workers} DataLoader workers, eager fp32)")
+        arrays = baseline_data(data, data_dir, train_images, test_images)
+        b = typical.measure(model, *arrays, dev, steps, max(warmup, 2), batch_size, workers)
+        b["epoch_seconds"] = epoch_seconds(b["train_images_per_s"], b["eval_images_per_s"])
+        b["run_epochs_per_s"] = 1 / b["epoch_seconds"]
+        b["measured"] = None
+        if epochs:
+            runs = typical.run_epochs(model, *arrays, dev, 1 + epochs, batch_size, workers)[1:]
+            b["measured"] = {"epochs": len(runs), "epoch_seconds": sum(r["epoch_seconds"] for r in runs) / len(runs),
+                             "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)}  # fmt: skip
+        record["baseline"] = b
+        record["speedup"] = record["run_epochs_per_s"] / b["run_epochs_per_s"]
+        if epochs:
+            record["measured_speedup"] = record["measured"]["run_epochs_per_s"] * b["measured"]["epoch_seconds"]
+    return record
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.2f} "
+
+
+def format_record(r: dict) -> str:
+    """A few human lines for one bench record."""
+    how = f"{r['precision']}{', channels_last' if r['channels_last'] else ''}{', compile' if r['compile'] else ''}"
+    lines = [
+        f"{r['model']}, pack {r['pack']}, {r['device']} ({r['device_name']}), torch {r['torch']}, {how}, "
+        f"batch {r['batch_size']}",
+        f"  train     {r['train_images_per_s']:>12,.0f} img/s  ({r['steps']} steps after {r['warmup']} warm-up)",
+        f"  eval      {r['eval_images_per_s']:>12,.0f} img/s",
+        f"  epoch     {r['epoch_seconds']:>12.3f} s per 50k-image epoch of {'each' if r['pack'] == 1 else 'all'} "
+        f"{'run' if r['pack'] == 1 else str(r['pack']) + ' runs'} (train + evaluate 50k train + 10k test); "
+        f"{r['run_epochs_per_s']:.2f} run-epochs/s",
+        f"  FLOPs     {_si(r['flops_per_train_image'])}FLOP per training image (fwd+bwd), "
+        f"{_si(r['flops_per_eval_image'])}FLOP per evaluated image",
+        f"  achieved  {r['train_tflops']:.3f} TFLOP/s in training"
+        + (f" = {100 * r['mfu']:.1f}% of {r['peak_tflops']:.1f} TFLOP/s ({r['peak']})" if r["mfu"] is not None
+           else f"; peak {r['peak']}"),
+    ]  # fmt: skip
+    if r["measured"]:
+        m = r["measured"]
+        lines.append(f"  measured  {m['epoch_seconds']:.3f} s per epoch of the real trainer ({m['epochs']} epochs "
+                     f"on {r['train_images']} / {r['test_images']} images), {m['run_epochs_per_s']:.2f} run-epochs/s")
+    if r["baseline"]:
+        b = r["baseline"]
+        lines.append(f"  baseline  {b['train_images_per_s']:,.0f} img/s train, {b['eval_images_per_s']:,.0f} img/s "
+                     f"eval, {b['epoch_seconds']:.3f} s per epoch ({b['num_workers']} workers, eager fp32) -> this "
+                     f"path is {r['speedup']:.1f}x faster per run-epoch")  # fmt: skip
+        if b["measured"]:
+            lines.append(f"  measured  baseline {b['measured']['epoch_seconds']:.3f} s per epoch -> "
+                         f"{r['measured_speedup']:.1f}x")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_cli(args) -> int:
+    """The `rethink bench` handler."""
+    record = bench(
+        args.model,
+        device=args.device,
+        pack=args.pack,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        amp=False if args.no_amp else None,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        data_dir=args.data_dir,
+        baseline=args.baseline,
+        workers=args.workers,
+        epochs=args.epochs,
+        train_images=args.train_images,
+        test_images=args.test_images,
+        log=(lambda m: None) if args.json else (lambda m: print(m, flush=True)),
+    )
+    print(json.dumps(record, indent=2) if args.json else format_record(record))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Bench records from a .jsonl file (one per line) or a directory of *.json files (named by file)."""
+    path = Path(path)
+    records = []
+    if path.is_dir():
+        for f in sorted(path.glob("*.json")):
+            try:
+                r = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(r, dict) and "train_images_per_s" in r:
+                records.append({"name": f.stem, **r})
+    elif path.exists():
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
+def full_suite_hours(records: list[dict]) -> tuple[float, dict] | None:
+    """Upper bound of the full suite's device time: every run to its cap at the best measured run-epochs/s."""
+    from rethink.suites import expand
+
+    best: dict[str, float] = {}
+    for r in records:  # run_epochs_per_s is normalized to a 50k-image epoch
+        best[r["model"]] = max(best.get(r["model"], 0.0), r["run_epochs_per_s"])
+    specs = expand("full")
+    if any(s.model not in best for s in specs):
+        return None
+    return sum(s.epochs / best[s.model] for s in specs) / 3600, best
+
+
+def summarize_records(records: list[dict]) -> str:
+    """One screen: a row per bench record, then the device and the full-suite estimate."""
+    if not records:
+        return "no bench records"
+    head = (f"{'record':<24}{'model':<15}{'K':>3} {'how':<15}{'train img/s':>12}{'eval img/s':>12}{'s/epoch':>10}"
+            f"{'measured':>10}{'run-ep/s':>10}{'MFU':>7}{'vs base':>8}")  # fmt: skip
+    out = [head]
+    for r in records:
+        how = ("bf16" if r["precision"].startswith("bf16") else "fp32") + ("+cl" if r["channels_last"] else "")
+        how += ("+" + (r.get("compile_mode") or "compile")) if r["compile"] else ""
+        m = (r.get("measured") or {}).get("epoch_seconds")
+        mfu, sp = r.get("mfu"), r.get("speedup")
+        out.append(f"{r.get('name', '')[:23]:<24}{r['model']:<15}{r['pack']:>3} {how[:14]:<15}"
+                   f"{r['train_images_per_s']:>12,.0f}{r['eval_images_per_s']:>12,.0f}{r['epoch_seconds']:>10.4g}"
+                   f"{(f'{m:.4g}' if m else '-'):>10}{r['run_epochs_per_s']:>10.3g}"
+                   f"{(f'{100 * mfu:.1f}%' if mfu else '-'):>7}{(f'{sp:.1f}x' if sp else '-'):>8}")  # fmt: skip
+    first = records[0]
+    out.append(f"device: {first['device_name']} ({first['device']}), torch {first['torch']}, {first['date']}")
+    out.append("s/epoch: one 50k-image epoch of all K runs (train + full evaluation), from steady-state rates; "
+               "measured: the real trainer's epoch at its image count")  # fmt: skip
+    est = full_suite_hours(records)
+    if est:
+        out.append(f"full suite, every run to its cap at the best rate measured per model: <= {est[0]:.2f} device-hours")
+    return "\n".join(out)
+
+
+def collect(directory: str | Path, out: str | Path) -> int:
+    """Append the records of a directory of *.json files to a .jsonl file, each with its file's name."""
+    records = read_records(directory)
+    with open(out, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return len(records)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "summarize":
+        print(summarize_records(read_records(sys.argv[2])))
+    elif len(sys.argv) == 4 and sys.argv[1] == "collect":
+        print(f"{collect(sys.argv[2], sys.argv[3])} records appended to {sys.argv[3]}")
+    else:
+        print("usage: python -m rethink.bench summarize DIR_OR_JSONL | collect DIR OUT.jsonl", file=sys.stderr)
+        sys.exit(2)

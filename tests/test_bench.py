@@ -1,0 +1,207 @@
+"""The fast path computes the textbook function, and `rethink bench` reports what it documents.
+
+The trainer (data resident on the device, a whole-set preprocessing pass, randperm orders from epoch_seed,
+foreach SGD) must give, on the CPU in float32, exactly the per-step losses of a plain PyTorch loop over the
+same data order; the typical DataLoader pipeline of rethink/baseline.py, fed that order, must agree to
+float rounding. Timings are never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rethink.train as train
+from rethink import baseline
+from rethink.bench import FIELDS, collect, read_records, summarize_records
+from rethink.cli import main
+from rethink.data import load_cifar10, preprocess, write_synthetic
+from rethink.models import build_model
+from rethink.spec import RunSpec
+from rethink.store import LocalStore
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny batches: one thread beats two here, and by far on a shared, busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-data")
+    write_synthetic(root, 300, 60, seed=0)
+    return load_cifar10(root)
+
+
+class _LossRecorder:
+    """Stands in for torch.nn.functional inside rethink.train: records each training step's mean loss."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+    def cross_entropy(self, out, y, reduction="mean"):
+        loss = F.cross_entropy(out, y, reduction=reduction)
+        if reduction == "mean":  # the training step (evaluation sums)
+            self.losses.append(loss.item())
+        return loss
+
+
+def _trainer_losses(spec: RunSpec, data, tmp_path, monkeypatch) -> list[float]:
+    recorder = _LossRecorder()
+    monkeypatch.setattr(train, "F", recorder)
+    train.train_run(spec, LocalStore(tmp_path / "store"), data, train.ExecOptions(device="cpu", log=lambda m: None))
+    monkeypatch.undo()
+    return recorder.losses
+
+
+def _textbook_losses(spec: RunSpec, data) -> list[float]:
+    """A plain loop: model, SGD, the epoch_seed data order and crops, the paper's preprocessing per batch."""
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    images, labels = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
+    n, bs = len(labels), spec.batch_size
+    losses = []
+    for epoch in range(spec.epochs):
+        for group in opt.param_groups:
+            group["lr"] = spec.lr * spec.lr_decay**epoch
+        g = torch.Generator()
+        g.manual_seed(train.epoch_seed(spec.seed, epoch))
+        order = torch.randperm(n, generator=g)
+        offsets = torch.randint(0, 5, (n, 2), generator=g) if spec.random_crop else None
+        model.train()
+        for b in range(math.ceil(n / bs)):
+            idx = order[b * bs : (b + 1) * bs]
+            x = preprocess(images[idx], None if offsets is None else offsets[idx])
+            loss = F.cross_entropy(model(x), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("random_crop", [False, True], ids=["central", "random-crop"])
+def test_trainer_takes_exactly_the_textbook_steps(data, tmp_path, monkeypatch, random_crop):
+    spec = RunSpec(model="mlp-1x512", dataset=data.identity, epochs=2, batch_size=64, weight_decay=5e-4,
+                   random_crop=random_crop, seed=3)  # fmt: skip
+    fast = _trainer_losses(spec, data, tmp_path, monkeypatch)
+    plain = _textbook_losses(spec, data)
+    assert len(fast) == 2 * math.ceil(300 / 64)
+    assert fast == plain  # bitwise: the same function, computed the same way
+
+
+def test_typical_pipeline_fed_the_same_order_agrees(data, tmp_path, monkeypatch):
+    spec = RunSpec(model="mlp-1x512", dataset=data.identity, epochs=1, batch_size=64, seed=5)
+    fast = _trainer_losses(spec, data, tmp_path, monkeypatch)
+    g = torch.Generator()
+    g.manual_seed(train.epoch_seed(spec.seed, 0))
+    order = torch.randperm(300, generator=g).tolist()
+    device = torch.device("cpu")
+    model, opt = baseline.model_and_optimizer(spec.model, device, seed=spec.seed)
+    loader, _, _ = baseline.loaders(data.train_x, data.train_y, data.test_x, data.test_y, device, spec.batch_size,
+                                    workers=0, sampler=order)  # fmt: skip
+    typical: list[float] = []
+    baseline.train_epoch(model, opt, loader, device, losses=typical)
+    assert typical == pytest.approx(fast, rel=1e-5)
+
+
+def test_per_image_standardization_matches_the_trainers():
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    ours = preprocess(x)
+    theirs = torch.stack([baseline.transforms(False)(baseline.Cifar10Images(x.numpy(), [0] * 4)[i][0]) for i in range(4)])
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bench_records(tmp_path_factory):
+    """`rethink bench --json` for an unpacked run with the baseline and whole epochs, and for a pack of 2."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("bench-out")
+    records = {}
+    for name, extra in {
+        "single": ["--baseline", "--workers", "1", "--epochs", "1", "--train-images", "256", "--test-images", "64"],
+        "pack": ["--pack", "2"],
+    }.items():
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            code = main(["bench", "--model", "mlp-1x512", "--device", "cpu", "--steps", "2", "--warmup", "1",
+                         "--batch-size", "32", "--json", *extra])  # fmt: skip
+        assert code == 0
+        records[name] = json.loads(buf.getvalue())
+        (out / f"{name}.json").write_text(buf.getvalue())
+    return records, out
+
+
+def test_bench_json_has_the_documented_fields(bench_records):
+    records, _ = bench_records
+    for r in records.values():
+        assert set(FIELDS) <= set(r)
+        assert r["model"] == "mlp-1x512" and r["device"] == "cpu"
+        for key in ("train_images_per_s", "eval_images_per_s", "epoch_seconds", "flops_per_train_image"):
+            assert r[key] > 0
+    single, pack = records["single"], records["pack"]
+    assert pack["pack"] == 2 and single["pack"] == 1
+    assert {"train_images_per_s", "eval_images_per_s", "epoch_seconds", "num_workers", "measured"} <= set(
+        single["baseline"])
+    assert single["measured"]["epochs"] == 1 and single["speedup"] > 0
+    # fwd+bwd of an MLP: at least twice the forward matmul FLOPs
+    assert single["flops_per_train_image"] >= 2 * single["flops_per_eval_image"] > 0
+
+
+def test_summary_table_lists_every_record(bench_records, tmp_path):
+    _, out = bench_records
+    assert collect(out, tmp_path / "all.jsonl") == 2
+    records = read_records(tmp_path / "all.jsonl")
+    assert sorted(r["name"] for r in records) == ["pack", "single"]
+    table = summarize_records(records)
+    assert "single" in table and "pack" in table and "mlp-1x512" in table
+
+
+def test_bench_rejects_bad_input(capsys):
+    assert main(["bench", "--model", "mlp-1x512", "--device", "cpu", "--steps", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- GPU (pytest -m gpu)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("model", ["mlp-1x512", "alexnet", "inception"])
+def test_bf16_training_follows_fp32(data, tmp_path, model):
+    """bf16 autocast + channels_last takes the same path as float32 to within a few percent of the loss."""
+    spec = RunSpec(model=model, dataset=data.identity, epochs=3, batch_size=32)
+    final = {}
+    for amp in (False, True):
+        store = LocalStore(tmp_path / f"amp{amp}")
+        train.train_run(spec, store, data, train.ExecOptions(device="cuda", amp=amp, log=lambda m: None))
+        final[amp] = train.read_metrics(store, spec.run_id)[-1]["train_loss"]
+    assert final[True] == pytest.approx(final[False], rel=0.05)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_step_matches_eager_on_cuda(data, tmp_path):
+    spec = RunSpec(model="alexnet", dataset=data.identity, epochs=2, batch_size=32)
+    final = {}
+    for compile in (False, True):
+        store = LocalStore(tmp_path / f"c{compile}")
+        train.train_run(spec, store, data, train.ExecOptions(device="cuda", compile=compile, log=lambda m: None))
+        final[compile] = train.read_metrics(store, spec.run_id)[-1]["train_loss"]
+    assert final[True] == pytest.approx(final[False], rel=0.02)
