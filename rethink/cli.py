@@ -15,7 +15,11 @@ SYNTHETIC_SIZE = (10_000, 2_000)  # what --synthetic generates when no synthetic
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):
+        # A help text that already explains its default keeps its own words.
+        if "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _parser(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -351,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser(sub, "data", "data set utilities")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    p.set_defaults(func=lambda a, p=p: (p.print_help(), 2)[1])
     s = _parser(dsub, "synth", "write a synthetic data set in the official CIFAR-10 on-disk format")
     s.add_argument("--out", required=True, help="output directory (cifar-10-batches-py/ is created inside)")
     s.add_argument("--train", type=int, default=50_000, help="number of training images")
