@@ -311,3 +311,33 @@ def test_golden(name, validator):
         "python workflows/submit.py --regenerate-golden and review the diff"
     )
     assert_valid(validator, golden.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def test_pack_fans_out_one_pod_per_planned_pack(tmp_path, monkeypatch, validator):
+    """submit.py --pack K: one single-GPU pod per pack of `rethink plan --pack K`, each running the CLI's pack."""
+    import yaml
+
+    from rethink.cli import build_parser, main
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "wf.yaml"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert submit.main(["--suite", "full", "--pack", "8", "--dry-run", "--output", str(out)]) == 0
+    wf = yaml.safe_load(out.read_text())
+    assert_valid(validator, wf)
+    plan = io.StringIO()
+    with contextlib.redirect_stdout(plan):
+        assert main(["plan", "--suite", "full", "--pack", "8", "--json"]) == 0
+    packs = json.loads(plan.getvalue())
+    tasks = train_tasks(wf)
+    assert [int(params(t)["pack-index"]) for t in tasks] == [p["pack_index"] for p in packs]
+    assert [int(params(t)["pack-runs"]) for t in tasks] == [p["size"] for p in packs]
+    assert sum(p["size"] for p in packs) == len(plan_run_ids("--suite", "full"))  # every run in exactly one pod
+    container = templates(wf)["train"]["container"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    args = [a.replace("{{inputs.parameters.pack-index}}", "3") for a in container["args"]]
+    parsed = build_parser().parse_args(args)
+    assert (parsed.suite, parsed.pack, parsed.pack_index, parsed.index) == ("full", 8, 3, None)

@@ -128,6 +128,7 @@ class Settings:
     smoke: bool = False  # passed to every pod as --smoke
     gpu: bool | None = None  # None: the profile's
     device: str | None = None  # passed to training pods as --device (None: the CLI's auto)
+    pack: int = 1  # > 1: one pod per pack of up to this many compatible runs (rethink train --pack K)
     image_pull_policy: str | None = None  # None: the profile's
     service_account: str = DEFAULT_SERVICE_ACCOUNT
     s3_secret: str = DEFAULT_S3_SECRET
@@ -172,6 +173,26 @@ def work_items(specs: list[RunSpec]) -> list[WorkItem]:
             name=f"train-{i:0{width}d}", labels={f"{LABEL}/run-id": spec.run_id}, options={"index": str(i)}
         )
         for i, spec in enumerate(specs)
+    ]
+
+
+def pack_items(specs: list[RunSpec], k: int) -> list[WorkItem]:
+    """One training pod per pack of <= k compatible runs (`rethink plan --pack K`), addressed by pack index.
+
+    A pack's run ids do not fit a label (63 characters), so its pods carry the pack index and the number of
+    runs; `rethink plan --suite S --pack K` maps pack indices to run ids.
+    """
+    from rethink.pack import group_packs
+
+    packs = group_packs(specs, k)
+    width = max(3, len(str(len(packs) - 1)))
+    return [
+        WorkItem(
+            name=f"pack-{j:0{width}d}",
+            labels={f"{LABEL}/pack": str(j), f"{LABEL}/pack-runs": str(len(pack))},
+            options={"pack-index": str(j)},
+        )
+        for j, pack in enumerate(packs)
     ]
 
 
@@ -235,7 +256,9 @@ def build_workflow(s: Settings, items: list[WorkItem] | None = None) -> Workflow
     profile = s.profile_spec
     if s.seeds < 1:
         raise ValueError("seeds must be at least 1")
-    items = work_items(suite_runs(s)) if items is None else items
+    if items is None:
+        specs = suite_runs(s)
+        items = pack_items(specs, s.pack) if s.pack > 1 else work_items(specs)
     if not items:
         raise ValueError(f"suite {s.suite} has no runs")
     option_names, label_keys = list(items[0].options), list(items[0].labels)
@@ -256,7 +279,8 @@ def build_workflow(s: Settings, items: list[WorkItem] | None = None) -> Workflow
         retry_strategy=_small_retry(),
     )  # fmt: skip
 
-    train_args = ["train", *suite_args, *store_args, *(["--device", s.device] if s.device else [])]
+    train_args = ["train", *suite_args, *(["--pack", str(s.pack)] if s.pack > 1 else []), *store_args,
+                  *(["--device", s.device] if s.device else [])]  # fmt: skip
     for opt in option_names:
         train_args += [f"--{opt}", f"{{{{inputs.parameters.{opt}}}}}"]
     train = _container(

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="submit.py", description=__doc__, formatter_class=_Formatter)
     p.add_argument("--suite", help="suite to run (see rethink suites); required unless --regenerate-golden")
     p.add_argument("--seeds", type=int, default=1, help="repeat the suite over this many seeds")
+    p.add_argument("--pack", type=int, default=1,
+                   help="train up to K compatible runs per pod as one batched model (rethink train --pack K); "
+                        "1: one pod per run")  # fmt: skip
     p.add_argument(
         "--profile",
         choices=rw.PROFILES,
@@ -129,7 +132,7 @@ def settings_from_args(a: argparse.Namespace) -> rw.Settings:
         suite=a.suite, seeds=a.seeds, profile=a.profile, image=a.image, namespace=a.namespace, store=a.store,
         parallelism=a.parallelism, synthetic=a.synthetic, epochs=a.epochs, smoke=a.smoke, gpu=a.gpu,
         image_pull_policy=a.image_pull_policy, service_account=a.service_account, s3_secret=a.s3_secret,
-        deadline_hours=a.deadline_hours,
+        deadline_hours=a.deadline_hours, pack=a.pack,
     )  # fmt: skip
 
 
@@ -138,7 +141,9 @@ def summary(s: rw.Settings, specs, workflow_dict: dict) -> str:
 
     size = len(json.dumps(workflow_dict, separators=(",", ":")))
     at_once = s.parallelism or s.profile_spec.parallelism
-    pods = f"{len(specs)} training pods, " + ("1 GPU each" if s.uses_gpu else "no GPU requested")
+    n_pods = len(rw.pack_items(specs, s.pack)) if s.pack > 1 else len(specs)
+    packed = f" (packs of <= {s.pack} runs)" if s.pack > 1 else ""
+    pods = f"{n_pods} training pods{packed}, " + ("1 GPU each" if s.uses_gpu else "no GPU requested")
     cost = f"estimated {estimate_seconds(specs, 'gpu') / 3600:.2f} GPU-hours (one H100, bf16)"
     if not s.uses_gpu:
         cost += f" or {estimate_seconds(specs, 'cpu') / 3600:.2f} CPU-hours (2 cores)"
@@ -229,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"submit.py: error: {e}", file=sys.stderr)
         return 2
-    workflow = rw.build_workflow(s, rw.work_items(specs))
+    if a.pack < 1:
+        parser.error("--pack must be at least 1")
+    items = rw.pack_items(specs, a.pack) if a.pack > 1 else rw.work_items(specs)
+    workflow = rw.build_workflow(s, items)
     text = workflow.to_yaml()
     if a.output:
         Path(a.output).write_text(text)
