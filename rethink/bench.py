@@ -156,8 +156,10 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
                     compile: bool, compile_mode: str | None, warmup: int, steps: int, eval_batch: int) -> dict:  # fmt: skip
     """Steady-state rates of the unpacked trainer's step and evaluation (the body of train.train_run's loop)."""
     from rethink.data import random_offsets
-    from rethink.train import epoch_seed, evaluate, prepare_data
+    from rethink.train import epoch_seed, evaluate, keep_freed_memory, prepare_data
 
+    if device.type == "cpu":
+        keep_freed_memory()  # as train_run does
     dd = prepare_data(spec, data, device)
     use_cl = channels_last and not spec.model.startswith("mlp")
     torch.manual_seed(spec.seed)
@@ -204,7 +206,10 @@ def measure_pack(specs: list[RunSpec], data: Cifar10, device: torch.device, amp:
                  compile_mode: str | None, warmup: int, steps: int, eval_batch: int) -> dict:  # fmt: skip
     """Steady-state rates of a pack's step and evaluation (the body of pack.train_pack's loop)."""
     from rethink.pack import PackedModel, _fresh_state, epoch_order, prepare_pack_data, train_batch
+    from rethink.train import keep_freed_memory
 
+    if device.type == "cpu":
+        keep_freed_memory()  # as train_run does
     pd = prepare_pack_data(specs, data, device)
     pm = PackedModel(specs[0].model, 0.0, [_fresh_state(s) for s in specs], device, compile=compile,
                      compile_mode=compile_mode)  # fmt: skip
@@ -336,6 +341,20 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
     eval_batch = 4096 if dev.type == "cuda" else 1000
     log(f"bench {model}: pack {pack}, {dev}, {'bf16' if amp else 'fp32'}{' + compile' if compile else ''}, "
         f"{warmup} warm-up + {steps} timed steps of {batch_size} on {train_images} / {test_images} images")  # fmt: skip
+    b = None
+    if baseline:  # first: the trainer's process-wide CPU allocator tuning must not help the baseline
+        from rethink import baseline as typical
+
+        log(f"bench {model}: the typical pipeline ({workers} DataLoader workers, eager fp32)")
+        arrays = baseline_data(data, data_dir, train_images, test_images)
+        b = typical.measure(model, *arrays, dev, steps, max(warmup, 2), batch_size, workers)
+        b["epoch_seconds"] = epoch_seconds(b["train_images_per_s"], b["eval_images_per_s"])
+        b["run_epochs_per_s"] = 1 / b["epoch_seconds"]
+        b["measured"] = None
+        if epochs:
+            runs = typical.run_epochs(model, *arrays, dev, 1 + epochs, batch_size, workers)[1:]
+            b["measured"] = {"epochs": len(runs), "epoch_seconds": sum(r["epoch_seconds"] for r in runs) / len(runs),
+                             "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)}  # fmt: skip
     if pack == 1:
         rates = measure_trainer(spec, data, dev, amp, channels_last, compile, compile_mode, warmup, steps, eval_batch)
     else:
@@ -381,19 +400,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
     if epochs:
         log(f"bench {model}: {1 + epochs} epochs of the real trainer (the first is warm-up)")
         record["measured"] = measure_epochs(specs, data, str(dev), amp, compile, compile_mode, epochs)
-    if baseline:
-        from rethink import baseline as typical
-
-        log(f"bench {model}: the typical pipeline ({workers} DataLoader workers, eager fp32)")
-        arrays = baseline_data(data, data_dir, train_images, test_images)
-        b = typical.measure(model, *arrays, dev, steps, max(warmup, 2), batch_size, workers)
-        b["epoch_seconds"] = epoch_seconds(b["train_images_per_s"], b["eval_images_per_s"])
-        b["run_epochs_per_s"] = 1 / b["epoch_seconds"]
-        b["measured"] = None
-        if epochs:
-            runs = typical.run_epochs(model, *arrays, dev, 1 + epochs, batch_size, workers)[1:]
-            b["measured"] = {"epochs": len(runs), "epoch_seconds": sum(r["epoch_seconds"] for r in runs) / len(runs),
-                             "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)}  # fmt: skip
+    if b is not None:
         record["baseline"] = b
         record["speedup"] = record["run_epochs_per_s"] / b["run_epochs_per_s"]
         if epochs:

@@ -57,6 +57,7 @@ from rethink.train import (
     _write_metrics,
     environment,
     epoch_seed,
+    keep_freed_memory,
     prepare_data,
     read_result,
     resolve_device,
@@ -504,6 +505,8 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
     """Train members that stand at the same position as one packed model, to the end of each."""
     log = opts.log
     device = resolve_device(opts.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     amp = _amp(opts, device)
     spec0 = members[0].spec
     env = environment(device, opts)

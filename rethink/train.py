@@ -284,6 +284,25 @@ def summarize(spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data_
     }
 
 
+def keep_freed_memory() -> None:
+    """On glibc, keep freed blocks up to 32 MB in the heap instead of returning them to the OS.
+
+    Every CPU step allocates and frees the same activation and gradient buffers (megabytes each); by default
+    glibc maps and unmaps them each time, and the page faults cost ~10% of an MLP step on the CPU.
+    """
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux":
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: the largest glibc allows
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def train_run(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions | None = None) -> dict:
     """Train `spec` to its end in `store`, resuming from its checkpoint; returns the result record."""
     # SIGTERM is caught from the start: one arriving while the data loads still stops the run cleanly
@@ -302,6 +321,8 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
     device = resolve_device(opts.device)
     amp, channels_last = _amp(opts, device), _channels_last(opts, device)
     env = environment(device, opts)
+    if device.type == "cpu":
+        keep_freed_memory()
 
     spec_key = run_key(run_id, "spec.json")
     if not store.exists(spec_key):
