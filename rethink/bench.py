@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rethink.data import Cifar10, preprocess
+from rethink.data import Cifar10
 from rethink.errors import UserError
 from rethink.models import MODELS, build_model
 from rethink.spec import RunSpec
@@ -156,7 +156,7 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
                     compile: bool, compile_mode: str | None, warmup: int, steps: int, eval_batch: int) -> dict:  # fmt: skip
     """Steady-state rates of the unpacked trainer's step and evaluation (the body of train.train_run's loop)."""
     from rethink.data import random_offsets
-    from rethink.train import epoch_seed, evaluate, keep_freed_memory, prepare_data
+    from rethink.train import batch_inputs, epoch_seed, evaluate, keep_freed_memory, prepare_data, sgd_step
 
     if device.type == "cpu":
         keep_freed_memory()  # as train_run does
@@ -182,17 +182,8 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
 
     def step(b: int):
         nonlocal loss_sum
-        idx = order["perm"][b * bs : (b + 1) * bs]
-        x = preprocess(dd.train_raw[idx], order["offsets"][idx]) if order["offsets"] is not None else dd.train_pre[idx]
-        if use_cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = compiled(x)
-        loss = F.cross_entropy(out.float(), dd.train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_sum += loss.detach().double()
+        x, y = batch_inputs(dd, order["perm"][b * bs : (b + 1) * bs], order["offsets"], use_cl)
+        loss_sum += sgd_step(compiled, opt, x, y, amp)[0].double()
 
     def evaluate_all():
         evaluate(compiled, dd.train_pre, dd.train_y, eval_batch, amp, use_cl)

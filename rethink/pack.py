@@ -55,6 +55,7 @@ from rethink.train import (
     _save_checkpoint,
     _SigtermFlag,
     _write_metrics,
+    checkpoint_position,
     environment,
     epoch_seed,
     keep_freed_memory,
@@ -386,16 +387,8 @@ def _load_member(spec: RunSpec, store: Store, n_batches: int, log) -> _Member:
     member = _Member(spec, model=_fresh_state(spec), momentum=None, metrics=[])
 
     def restore(ckpt: dict) -> None:
-        if ckpt["spec"] != spec.canonical_json():
-            raise ValueError("it was written for a different spec")
-        c_epoch, c_batch, c_step = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["step"])
-        c_metrics = json.loads(ckpt["metrics"])
-        if not (0 <= c_epoch < spec.epochs and 0 <= c_batch <= n_batches and len(c_metrics) == c_epoch
-                and c_step == c_epoch * n_batches + c_batch):  # fmt: skip
-            raise ValueError(f"inconsistent position (epoch {c_epoch}, batch {c_batch}, step {c_step})")
+        c_epoch, c_batch, c_step, c_metrics = checkpoint_position(ckpt, spec, n_batches)
         rng = ckpt["rng"]
-        if rng["torch"].dtype != torch.uint8 or rng["torch"].numel() != torch.get_rng_state().numel():
-            raise ValueError("bad random number generator state")
         template.load_state_dict(ckpt["model"])  # raises on a missing key or a wrong shape
         opt = torch.optim.SGD(template.parameters(), lr=spec.lr, momentum=spec.momentum)
         opt.load_state_dict(ckpt["optimizer"])

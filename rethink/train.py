@@ -284,6 +284,41 @@ def summarize(spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data_
     }
 
 
+def checkpoint_position(ckpt: dict, spec: RunSpec, n_batches: int) -> tuple[int, int, int, list[dict]]:
+    """(epoch, batch, step, metrics) of a checkpoint of `spec`, or ValueError when they do not fit together."""
+    if ckpt["spec"] != spec.canonical_json():
+        raise ValueError("it was written for a different spec")
+    epoch, batch, step = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["step"])
+    metrics = json.loads(ckpt["metrics"])
+    if not (0 <= epoch < spec.epochs and 0 <= batch <= n_batches and len(metrics) == epoch
+            and step == epoch * n_batches + batch):  # fmt: skip
+        raise ValueError(f"inconsistent position (epoch {epoch}, batch {batch}, step {step})")
+    rng = ckpt["rng"]
+    if rng["torch"].dtype != torch.uint8 or rng["torch"].numel() != torch.get_rng_state().numel():
+        raise ValueError("bad random number generator state")
+    return epoch, batch, step, metrics
+
+
+def batch_inputs(dd: DeviceData, idx: torch.Tensor, offsets: torch.Tensor | None, channels_last: bool):
+    """The preprocessed inputs and labels of the training images `idx` (random crops when offsets are given)."""
+    x = preprocess(dd.train_raw[idx], offsets[idx]) if offsets is not None else dd.train_pre[idx]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, dd.train_y[idx]
+
+
+def sgd_step(model, optimizer, x, y, amp: bool, tracked: list | None = None):
+    """One SGD step; returns the batch loss and (with `tracked` weights) their squared gradient norm, on device."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = model(x)
+    loss = F.cross_entropy(out.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_sq = sum(w.grad.double().pow(2).sum() for w in tracked) if tracked else None
+    optimizer.step()
+    return loss.detach(), grad_sq
+
+
 def keep_freed_memory() -> None:
     """On glibc, keep freed blocks up to 32 MB in the heap instead of returning them to the OS.
 
@@ -361,16 +396,8 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
         """Take over a checkpoint's state, or raise (leaving a fresh model) when it does not fit this run."""
         nonlocal model, optimizer, metrics, epoch, batch_start, step, loss_sum, grad_sq_sum
         nonlocal elapsed_in_epoch, rng_state
-        if ckpt["spec"] != spec.canonical_json():
-            raise ValueError("it was written for a different spec")
-        c_epoch, c_batch, c_step = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["step"])
-        c_metrics = json.loads(ckpt["metrics"])
-        if not (0 <= c_epoch < spec.epochs and 0 <= c_batch <= n_batches and len(c_metrics) == c_epoch
-                and c_step == c_epoch * n_batches + c_batch):  # fmt: skip
-            raise ValueError(f"inconsistent position (epoch {c_epoch}, batch {c_batch}, step {c_step})")
+        c_epoch, c_batch, c_step, c_metrics = checkpoint_position(ckpt, spec, n_batches)
         rng = ckpt["rng"]
-        if rng["torch"].dtype != torch.uint8 or rng["torch"].numel() != torch.get_rng_state().numel():
-            raise ValueError("bad random number generator state")
         c_loss_sum = ckpt["loss_sum"].to(device=device, dtype=torch.float64).reshape(())
         c_grad_sq_sum = ckpt["grad_sq_sum"].to(device=device, dtype=torch.float64).reshape(())
         c_elapsed = float(ckpt["elapsed_in_epoch"])
@@ -455,22 +482,11 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
             bar = tqdm(total=n_batches, initial=batch_start, desc=f"epoch {epoch + 1}/{spec.epochs}",
                        leave=False, file=sys.stderr)  # fmt: skip
         for b in range(batch_start, n_batches):
-            idx = perm[b * bs : (b + 1) * bs]
-            if offsets is not None:
-                x = preprocess(dd.train_raw[idx], offsets[idx])
-            else:
-                x = dd.train_pre[idx]
-            if use_cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = compiled(x)
-            loss = F.cross_entropy(out.float(), dd.train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tracked:
-                grad_sq_sum += sum(w.grad.double().pow(2).sum() for w in tracked)
-            optimizer.step()
-            loss_sum += loss.detach().double()
+            x, y = batch_inputs(dd, perm[b * bs : (b + 1) * bs], offsets, use_cl)
+            loss, grad_sq = sgd_step(compiled, optimizer, x, y, amp, tracked)
+            if grad_sq is not None:
+                grad_sq_sum += grad_sq
+            loss_sum += loss.double()
             step += 1
             if bar is not None:
                 bar.update(1)
