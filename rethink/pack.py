@@ -63,6 +63,7 @@ from rethink.train import (
     read_result,
     resolve_device,
     scale_invariant_weights,
+    seed_dropout,
     summarize,
     train_run,
 )
@@ -542,12 +543,7 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
         specs = [m.spec for m in members]
         lr = spec0.lr * spec0.lr_decay**epoch
         perm, offsets = epoch_order(specs, epoch, n, device)
-        if batch_start > 0 and rng_state is not None:  # mid-epoch resume: continue the dropout stream
-            torch.set_rng_state(rng_state["torch"].cpu())
-            if "cuda" in rng_state:
-                torch.cuda.set_rng_state(rng_state["cuda"].cpu(), device)
-        else:
-            torch.manual_seed(epoch_seed(spec0.seed, epoch) + 1)
+        seed_dropout(spec0.seed, epoch, rng_state if batch_start > 0 else None, device)
         rng_state = None
         t0 = time.perf_counter()
         last_ckpt = t0

@@ -284,6 +284,16 @@ def summarize(spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data_
     }
 
 
+def seed_dropout(seed: int, epoch: int, saved: dict | None, device: torch.device) -> None:
+    """Set the global RNG (dropout) for an epoch: from (seed, epoch) at its start, from `saved` mid-epoch."""
+    if saved is None:
+        torch.manual_seed(epoch_seed(seed, epoch) + 1)
+        return
+    torch.set_rng_state(saved["torch"].cpu())
+    if "cuda" in saved:
+        torch.cuda.set_rng_state(saved["cuda"].cpu(), device)
+
+
 def checkpoint_position(ckpt: dict, spec: RunSpec, n_batches: int) -> tuple[int, int, int, list[dict]]:
     """(epoch, batch, step, metrics) of a checkpoint of `spec`, or ValueError when they do not fit together."""
     if ckpt["spec"] != spec.canonical_json():
@@ -465,12 +475,7 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
         g.manual_seed(epoch_seed(spec.seed, epoch))
         perm = torch.randperm(n, generator=g, device=device)
         offsets = random_offsets(n, g, device) if spec.random_crop else None
-        if batch_start > 0 and rng_state is not None:  # mid-epoch resume: continue the dropout stream
-            torch.set_rng_state(rng_state["torch"].cpu())
-            if "cuda" in rng_state:
-                torch.cuda.set_rng_state(rng_state["cuda"].cpu(), device)
-        else:
-            torch.manual_seed(epoch_seed(spec.seed, epoch) + 1)
+        seed_dropout(spec.seed, epoch, rng_state if batch_start > 0 else None, device)
         rng_state = None
         t0 = time.perf_counter()
         last_ckpt = t0
