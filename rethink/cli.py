@@ -236,7 +236,9 @@ def cmd_suites(args) -> int:
         note = "" if suite.in_full or name == "full" else " [not in full]"
         print(f"{name:<14}{len(specs):>6}{gpu:>14.2f}{cpu:>14.1f}  {suite.description}{note}")
     print("\nestimates: every run to its epoch cap (runs stopping at 100% train accuracy finish sooner); "
-          "GPU: one H100, bf16 (docs/performance.md)")  # fmt: skip
+          "GPU: one H100, bf16 targets until measured; CPU: this project's 2-core machine (docs/performance.md)")
+    print("not training suites, so not listed (own cost and hardware): `rethink expressivity` (Section 4, CPU, "
+          "seconds) and `rethink kernel` (Section 5, a 50k x 50k kernel solve: a large GPU for the full set)")  # fmt: skip
     return 0
 
 
