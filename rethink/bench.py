@@ -155,6 +155,7 @@ class Timer:
 def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: bool, channels_last: bool,
                     compile: bool, compile_mode: str | None, warmup: int, steps: int, eval_batch: int) -> dict:  # fmt: skip
     """Steady-state rates of the unpacked trainer's step and evaluation (the body of train.train_run's loop)."""
+    from rethink.cpu_linear import use_onednn_linears
     from rethink.data import random_offsets
     from rethink.train import batch_inputs, epoch_seed, evaluate, keep_freed_memory, prepare_data, sgd_step
 
@@ -164,6 +165,8 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
     use_cl = channels_last and not spec.model.startswith("mlp")
     torch.manual_seed(spec.seed)
     model = build_model(spec.model).to(device)
+    if device.type == "cpu":
+        use_onednn_linears(model)  # as train_run does by default
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,

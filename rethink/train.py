@@ -23,6 +23,7 @@ from torch import nn
 
 import rethink
 from rethink.corruptions import apply_pixels, corrupt_labels
+from rethink.cpu_linear import use_onednn_linears
 from rethink.data import Cifar10, preprocess, preprocess_all, random_offsets
 from rethink.errors import UserError
 from rethink.models import build_model
@@ -47,6 +48,7 @@ class ExecOptions:
     amp: bool | None = None  # bf16 autocast; default on for CUDA
     channels_last: bool | None = None  # default on for CUDA
     compile: bool = False
+    onednn: bool | None = None  # fully connected layers through oneDNN; default on for the CPU (cpu_linear.py)
     checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch when an epoch runs longer than this
     progress: bool | None = None  # a progress bar; default when stderr is a terminal
     eval_batch: int | None = None
@@ -73,12 +75,19 @@ def environment(device: torch.device, opts: ExecOptions | None = None) -> dict:
         "threads": torch.get_num_threads(),
     }
     if opts is not None:
-        env.update(amp=_amp(opts, device), channels_last=_channels_last(opts, device), compile=opts.compile)
+        env.update(amp=_amp(opts, device), channels_last=_channels_last(opts, device), compile=opts.compile,
+                   onednn_linear=_onednn(opts, device))  # fmt: skip
     return env
 
 
 def _amp(opts: ExecOptions, device: torch.device) -> bool:
     return opts.amp if opts.amp is not None else device.type == "cuda"
+
+
+def _onednn(opts: ExecOptions, device: torch.device) -> bool:
+    from rethink.cpu_linear import available
+
+    return device.type == "cpu" and (opts.onednn if opts.onednn is not None else True) and available()
 
 
 def _channels_last(opts: ExecOptions, device: torch.device) -> bool:
@@ -380,6 +389,8 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
     def fresh():
         torch.manual_seed(spec.seed)
         model = build_model(spec.model, dropout=spec.dropout).to(device)
+        if _onednn(opts, device):
+            use_onednn_linears(model)
         if use_cl:
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(

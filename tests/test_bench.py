@@ -57,10 +57,11 @@ class _LossRecorder:
         return loss
 
 
-def _trainer_losses(spec: RunSpec, data, tmp_path, monkeypatch) -> list[float]:
+def _trainer_losses(spec: RunSpec, data, tmp_path, monkeypatch, onednn: bool | None = None) -> list[float]:
     recorder = _LossRecorder()
     monkeypatch.setattr(train, "F", recorder)
-    train.train_run(spec, LocalStore(tmp_path / "store"), data, train.ExecOptions(device="cpu", log=lambda m: None))
+    opts = train.ExecOptions(device="cpu", onednn=onednn, log=lambda m: None)
+    train.train_run(spec, LocalStore(tmp_path / f"store-{onednn}"), data, opts)
     monkeypatch.undo()
     return recorder.losses
 
@@ -96,10 +97,13 @@ def _textbook_losses(spec: RunSpec, data) -> list[float]:
 def test_trainer_takes_exactly_the_textbook_steps(data, tmp_path, monkeypatch, random_crop):
     spec = RunSpec(model="mlp-1x512", dataset=data.identity, epochs=2, batch_size=64, weight_decay=5e-4,
                    random_crop=random_crop, seed=3)  # fmt: skip
-    fast = _trainer_losses(spec, data, tmp_path, monkeypatch)
+    fast = _trainer_losses(spec, data, tmp_path, monkeypatch, onednn=False)
     plain = _textbook_losses(spec, data)
     assert len(fast) == 2 * math.ceil(300 / 64)
     assert fast == plain  # bitwise: the same function, computed the same way
+    # The CPU default routes fully connected layers through oneDNN: the same function up to rounding.
+    onednn = _trainer_losses(spec, data, tmp_path, monkeypatch)
+    assert onednn == pytest.approx(plain, rel=1e-5)
 
 
 def test_typical_pipeline_fed_the_same_order_agrees(data, tmp_path, monkeypatch):

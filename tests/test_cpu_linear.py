@@ -1,0 +1,41 @@
+"""oneDNN fully connected layers: the same parameters, outputs and gradients as nn.Linear, up to rounding."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rethink.cpu_linear import OneDNNLinear, available, use_onednn_linears
+from rethink.models import build_model
+
+pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no oneDNN linear")
+
+
+@pytest.mark.parametrize("name", ["mlp-1x512", "mlp-3x512", "alexnet"])
+def test_same_function_and_gradients_as_nn_linear(name):
+    torch.manual_seed(0)
+    plain = build_model(name)
+    fast = copy.deepcopy(plain)
+    assert use_onednn_linears(fast) == sum(isinstance(m, torch.nn.Linear) for m in plain.modules())
+    assert all(type(m) is not torch.nn.Linear for m in fast.modules())
+    assert fast.state_dict().keys() == plain.state_dict().keys()  # checkpoints are interchangeable
+    x = torch.randn(16, 3, 28, 28, requires_grad=True)
+    y = torch.randint(0, 10, (16,))
+    xf = x.detach().clone().requires_grad_(True)
+    F.cross_entropy(plain(x), y).backward()
+    F.cross_entropy(fast(xf), y).backward()
+    for (name_, p), q in zip(plain.named_parameters(), fast.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name_
+    assert torch.allclose(x.grad, xf.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_falls_back_outside_float32_2d():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    fast = copy.deepcopy(layer)
+    fast.__class__ = OneDNNLinear
+    x3 = torch.randn(2, 5, 8)  # 3-d input: plain F.linear
+    assert torch.equal(fast(x3), layer(x3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast(torch.randn(3, 8)).dtype == torch.bfloat16
