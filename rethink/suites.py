@@ -212,10 +212,10 @@ def expand(name: str, o: Options | None = None) -> list[RunSpec]:
 
 # Estimated seconds per 50,000-image epoch (training + full evaluation) by model. GPU: the targets of the speed
 # work on one H100 in bf16 until `rethink bench` measures them (docs/performance.md); CPU: `rethink bench` on the
-# 2-core development machine, 2026-11-27 (docs/performance.md: one thread for the conv models, two for the MLPs).
+# 2-core development machine, 2026-11-27 (docs/performance.md: Inception on one thread, the others on two).
 EPOCH_SECONDS = {
     "gpu": {"inception": 0.5, "inception-nobn": 0.45, "alexnet": 0.15, "mlp-1x512": 0.05, "mlp-3x512": 0.06},
-    "cpu": {"inception": 858.0, "inception-nobn": 692.0, "alexnet": 149.0, "mlp-1x512": 2.5, "mlp-3x512": 6.6},
+    "cpu": {"inception": 858.0, "inception-nobn": 692.0, "alexnet": 80.0, "mlp-1x512": 1.2, "mlp-3x512": 2.2},
 }
 
 
