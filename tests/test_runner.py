@@ -1,0 +1,100 @@
+"""The local runner: idempotent, failures isolated and reported, parallel jobs, and `rethink status`."""
+
+from __future__ import annotations
+
+import pytest
+
+from rethink import runner
+from rethink.data import dataset_identity, write_synthetic
+from rethink.runner import DataSource, run_specs, run_state
+from rethink.spec import RunSpec
+from rethink.store import LocalStore, run_key
+from rethink.train import ExecOptions, read_metrics
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runner-data")
+    write_synthetic(out, 200, 50, seed=0)
+    return out
+
+
+def specs_for(data_dir, n=3, **kw) -> list[RunSpec]:
+    ds = dataset_identity(data_dir)
+    return [RunSpec(model="mlp-1x512", dataset=ds, epochs=2, batch_size=50, seed=s, **kw) for s in range(n)]
+
+
+def opts(lines: list[str]) -> ExecOptions:
+    return ExecOptions(device="cpu", progress=False, log=lines.append)
+
+
+def test_runs_everything_then_nothing(tmp_path, data_dir, one_thread):
+    specs = specs_for(data_dir)
+    lines: list[str] = []
+    assert run_specs(specs, str(tmp_path / "s"), DataSource(str(data_dir)), opts(lines)) == {}
+    store = LocalStore(tmp_path / "s")
+    assert all(run_state(store, s)[0] == "finished" for s in specs)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    lines.clear()
+    assert run_specs(specs, str(tmp_path / "s"), DataSource(str(data_dir)), opts(lines)) == {}
+    assert any("3 already finished, 0 to train" in line for line in lines)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*") if p.is_file()} == stamps
+
+
+def test_a_failing_run_is_isolated_and_reported(tmp_path, data_dir, one_thread):
+    good = specs_for(data_dir, n=2)
+    bad = good[0].replace(dataset="synthetic-n1-m1-s9")  # not the data set on disk: this run fails
+    failures = run_specs([bad, *good], str(tmp_path / "s"), DataSource(str(data_dir)), opts([]))
+    assert list(failures) == [bad.run_id]
+    assert "synthetic-n1-m1-s9" in failures[bad.run_id]
+    store = LocalStore(tmp_path / "s")
+    state, detail = run_state(store, bad)
+    assert state == "failed" and "synthetic-n1-m1-s9" in detail
+    assert all(run_state(store, s)[0] == "finished" for s in good)
+
+
+def test_parallel_jobs_give_the_same_runs(tmp_path, data_dir, without_timing):
+    specs = specs_for(data_dir, n=2)
+    assert run_specs(specs, str(tmp_path / "par"), DataSource(str(data_dir)), opts([]), jobs=2) == {}
+    assert run_specs(specs, str(tmp_path / "seq"), DataSource(str(data_dir)), opts([]), jobs=1) == {}
+    for s in specs:
+        par = without_timing(read_metrics(LocalStore(tmp_path / "par"), s.run_id))
+        seq = without_timing(read_metrics(LocalStore(tmp_path / "seq"), s.run_id))
+        assert len(par) == len(seq) == 2
+        for a, b in zip(par, seq):  # worker threads differ from this process's: equal up to rounding
+            assert a.keys() == b.keys()
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
+def test_status_shows_each_state(tmp_path, data_dir, one_thread):
+    specs = specs_for(data_dir, n=4)
+    store = LocalStore(tmp_path / "s")
+    run_specs(specs[:1], str(tmp_path / "s"), DataSource(str(data_dir)), opts([]))
+    run_specs(specs[1:2], str(tmp_path / "s"), DataSource(str(data_dir)), opts([]))
+    store.delete(run_key(specs[1].run_id, "result.json"))  # as if killed after its first epoch's checkpoint
+    store.write_text(run_key(specs[1].run_id, "metrics.jsonl"),
+                     store.read_text(run_key(specs[1].run_id, "metrics.jsonl")).splitlines()[0] + "\n")  # fmt: skip
+    runner.record_failure(store, specs[2], RuntimeError("boom"))
+    states = [run_state(store, s) for s in specs]
+    assert [s for s, _ in states] == ["finished", "partial", "failed", "not started"]
+    assert states[1][1] == "epoch 1 of 2" and "boom" in states[2][1]
+
+
+def test_run_command_exits_nonzero_listing_failures(tmp_path, data_dir, monkeypatch, capsys):
+    from rethink.cli import main
+
+    real = runner.train_run
+
+    def flaky(spec, store, data, o):
+        if spec.seed == 1:
+            raise RuntimeError("simulated failure")
+        return real(spec, store, data, o)
+
+    monkeypatch.setattr(runner, "train_run", flaky)
+    argv = ["run", "--suite", "fig2b", "--smoke", "--epochs", "1", "--seeds", "2", "--data-dir", str(data_dir),
+            "--store", str(tmp_path / "s"), "--device", "cpu", "--no-aggregate"]  # fmt: skip
+    monkeypatch.setattr("rethink.cli.dataset_of", lambda args: dataset_identity(data_dir))
+    monkeypatch.setattr("rethink.cli.data_dir_of", lambda args: data_dir)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "2 of 4 runs failed" in err and err.count("simulated failure") == 2

@@ -1,0 +1,100 @@
+"""The catalogue: suite sizes, unique and stable run ids, `full` as the deduplicated union, the plan command."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rethink.errors import UserError
+from rethink.suites import SUITES, TABLE1_ROWS, Options, components, expand
+
+SYN = "synthetic-n10000-m2000-s0"
+
+
+@pytest.mark.parametrize(("suite", "runs"), [("fig1a", 5), ("fig1bc", 18), ("table1", 19), ("fig2b", 2)])
+def test_paper_suites_have_the_papers_runs(suite, runs):
+    assert len(expand(suite)) == runs
+    assert len(expand(suite, Options(seeds=3))) == 3 * runs
+
+
+def test_every_suite_has_unique_run_ids():
+    for name in SUITES:
+        for seeds in (1, 2):
+            ids = [s.run_id for s in expand(name, Options(seeds=seeds))]
+            assert len(ids) == len(set(ids)), name
+
+
+def test_full_is_the_deduplicated_union_of_its_components():
+    o = Options(seeds=2)
+    parts = components("full", o)
+    union = {s.run_id for specs in parts.values() for s in specs}
+    full = expand("full", o)
+    assert {s.run_id for s in full} == union
+    assert len(full) == len(union) < sum(len(v) for v in parts.values())  # shared runs are trained once
+    by_id = {s.run_id: s for s in full}
+    # Inception on true labels is one run in Figure 1a, Figure 1b/c and Table 1, tagged for each.
+    (shared,) = [s for s in full if s.model == "inception" and s.labels == "true" and s.pixels == "none"
+                 and not s.random_crop and not s.weight_decay and s.seed == 0 and s.target_train_acc == 1.0
+                 and not s.dropout]  # fmt: skip
+    assert {"fig1a", "fig1bc", "table1:3"} <= set(by_id[shared.run_id].tags)
+
+
+def test_table1_rows_match_the_paper():
+    specs = expand("table1")
+    assert len(TABLE1_ROWS) == 19
+    for spec, (model, crop, wd, labels, _, _) in zip(specs, TABLE1_ROWS):
+        assert (spec.model, spec.random_crop, spec.weight_decay > 0, spec.labels) == (model, crop, wd, labels)
+
+
+def test_seeds_epochs_and_smoke_sizing():
+    specs = expand("fig1bc", Options(seeds=2, epochs=7))
+    assert {s.seed for s in specs} == {0, 1} and {s.epochs for s in specs} == {7}
+    assert {s.data_seed for s in specs} == {0, 1}
+    smoke = expand("smoke", Options(dataset=SYN))
+    assert {(s.train_subset, s.test_subset, s.epochs, s.dataset) for s in smoke} == {(256, 256, 2, SYN)}
+    # smoke exercises every paper figure and the table
+    assert set(components("smoke", Options(dataset=SYN))) >= {"fig1a", "fig1bc", "table1", "fig2b"}
+
+
+def test_unknown_suite_is_a_user_error():
+    with pytest.raises(UserError, match="unknown suite 'nope'"):
+        expand("nope")
+
+
+def _plan_json(*argv: str) -> list[dict]:
+    from rethink.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["plan", "--json", *argv]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_plan_json_lists_the_catalogue_with_stable_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty ./data: the data set identity is cifar10
+    rows = _plan_json("--suite", "full")
+    assert [r["run_id"] for r in rows] == [s.run_id for s in expand("full")]
+    assert len({r["run_id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert {"run_id", "model", "labels", "pixels", "spec"} <= set(r)
+        assert r["spec"]["model"] == r["model"]
+    # the same ids from a fresh interpreter (another hash seed)
+    other = subprocess.run([sys.executable, "-m", "rethink", "plan", "--suite", "full", "--json"], cwd=tmp_path,
+                           capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert [r["run_id"] for r in json.loads(other.stdout)] == [r["run_id"] for r in rows]
+
+
+def test_suites_command_lists_every_suite_with_counts(capsys):
+    from rethink.cli import main
+
+    assert main(["suites"]) == 0
+    out = capsys.readouterr().out
+    for name in SUITES:
+        assert name in out
+    assert "not in full" in out and "expressivity" in out and "kernel" in out
