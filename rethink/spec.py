@@ -160,5 +160,13 @@ class RunSpec:
             parts.append("crop")
         if self.dropout:
             parts.append(f"dropout={self.dropout:g}")
+        if self.lr != DEFAULT_LR[self.model]:
+            parts.append(f"lr={self.lr:g}")
+        if self.momentum != 0.9:
+            parts.append(f"momentum={self.momentum:g}")
+        if self.lr_decay != 0.95:
+            parts.append(f"decay={self.lr_decay:g}")
+        if self.train_subset:
+            parts.append(f"n={self.train_subset}")
         parts.append(f"seed={self.seed}")
         return " ".join(parts)
