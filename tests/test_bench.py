@@ -24,14 +24,8 @@ from rethink.models import build_model
 from rethink.spec import RunSpec
 from rethink.store import LocalStore
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches: one thread beats two here, and by far on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny batches: one thread beats two here, and by far on a shared, busy CPU (conftest's `one_thread`).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from rethink.cli import build_parser, main
-from rethink.data import DIRNAME, load_cifar10, write_synthetic
+from rethink.data import DIRNAME, load_cifar10
 
 TABLE_1 = {
     "inception": 1_649_402,
@@ -25,24 +24,7 @@ TABLE_1 = {
 FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
 
 
-# Fixtures of this file's own (the shared session-wide `synth_dir` must not be modified by tests).
-
-
-@pytest.fixture
-def tiny_dir(tmp_path):
-    """A fresh data directory holding a 100-train / 20-test synthetic set (seed 0), free to damage."""
-    write_synthetic(tmp_path / "tiny", 100, 20, seed=0)
-    return tmp_path / "tiny"
-
-
-@pytest.fixture
-def unmarked_dir(tiny_dir):
-    """Synthetic files without the synthetic marker in batches.meta: a 'CIFAR-10' whose md5s do not match."""
-    meta_path = tiny_dir / DIRNAME / "batches.meta"
-    meta = pickle.loads(meta_path.read_bytes(), encoding="bytes")
-    del meta[b"rethink_synthetic"]
-    meta_path.write_bytes(pickle.dumps(meta))
-    return tiny_dir
+# `synth_dir` (a fresh 100/20 synthetic set, free to damage) and `unmarked_dir` come from conftest.py.
 
 
 def _check_models_json(text: str) -> None:
@@ -174,11 +156,11 @@ def test_failed_download_is_one_line(tmp_path, capsys, monkeypatch):
     assert "RETHINK_CIFAR10_URL" in line and "--synthetic" in line
 
 
-def test_truncated_file_is_one_line(tiny_dir, tmp_path, capsys):
-    path = tiny_dir / DIRNAME / "data_batch_3"
+def test_truncated_file_is_one_line(synth_dir, tmp_path, capsys):
+    path = synth_dir / DIRNAME / "data_batch_3"
     path.write_bytes(path.read_bytes()[:1000])
     # the synthetic set's identity comes from batches.meta, which is intact; the broken batch fails the load
-    code = main(_train_args(tiny_dir, tmp_path))
+    code = main(_train_args(synth_dir, tmp_path))
     line = _one_error_line(capsys.readouterr().err)
     assert code != 0 and str(path) in line and "truncated or corrupt" in line
 

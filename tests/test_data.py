@@ -29,33 +29,16 @@ from rethink.errors import UserError
 FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
 
 
-# Fixtures of this file's own (the shared session-wide `synth_dir` must not be modified by tests).
-
-
-@pytest.fixture
-def tiny_dir(tmp_path):
-    """A fresh data directory holding a 100-train / 20-test synthetic set (seed 0), free to damage."""
-    write_synthetic(tmp_path / "tiny", 100, 20, seed=0)
-    return tmp_path / "tiny"
-
-
-@pytest.fixture
-def unmarked_dir(tiny_dir):
-    """Synthetic files without the synthetic marker in batches.meta: a 'CIFAR-10' whose md5s do not match."""
-    meta_path = tiny_dir / DIRNAME / "batches.meta"
-    meta = pickle.loads(meta_path.read_bytes(), encoding="bytes")
-    del meta[b"rethink_synthetic"]
-    meta_path.write_bytes(pickle.dumps(meta))
-    return tiny_dir
+# `synth_dir` (a fresh 100/20 synthetic set, free to damage) and `unmarked_dir` come from conftest.py.
 
 
 # ---------------------------------------------------------------------------------------------- reading synthetic sets
 
 
-def test_loader_reads_synthetic_set(tiny_dir):
-    root = tiny_dir / DIRNAME
+def test_loader_reads_synthetic_set(synth_dir):
+    root = synth_dir / DIRNAME
     assert sorted(p.name for p in root.iterdir()) == sorted(FILES)
-    data = load_cifar10(tiny_dir, download=False)
+    data = load_cifar10(synth_dir, download=False)
     assert data.train_x.shape == (100, 3, 32, 32) and data.train_x.dtype == np.uint8
     assert data.test_x.shape == (20, 3, 32, 32) and data.test_x.dtype == np.uint8
     assert data.train_y.shape == (100,) and data.test_y.shape == (20,)
@@ -64,14 +47,14 @@ def test_loader_reads_synthetic_set(tiny_dir):
     assert len(np.unique(data.train_y)) > 1
     assert data.synthetic is True
     assert data.identity == "synthetic-n100-m20-s0"
-    assert dataset_identity(tiny_dir) == data.identity
-    assert is_synthetic(tiny_dir)
+    assert dataset_identity(synth_dir) == data.identity
+    assert is_synthetic(synth_dir)
     assert "SYNTHETIC" in data.description and "100 train / 20 test" in data.description
 
 
-def test_loader_keeps_file_order_and_channel_major_layout(tiny_dir):
+def test_loader_keeps_file_order_and_channel_major_layout(synth_dir):
     """Images come out in file order, and row k of b'data' is [R plane, G plane, B plane], each row-major."""
-    root = tiny_dir / DIRNAME
+    root = synth_dir / DIRNAME
     rows, labels = [], []
     for name in FILES[:5]:
         with open(root / name, "rb") as f:
@@ -79,7 +62,7 @@ def test_loader_keeps_file_order_and_channel_major_layout(tiny_dir):
         rows.append(d[b"data"])
         labels += d[b"labels"]
     raw = np.concatenate(rows)
-    data = load_cifar10(tiny_dir, download=False)
+    data = load_cifar10(synth_dir, download=False)
     np.testing.assert_array_equal(data.train_y, labels)
     # pixel (channel c, row r, column k) of image i is raw[i, c*1024 + r*32 + k]
     for i, c, r, k in [(0, 0, 0, 0), (7, 1, 5, 30), (99, 2, 31, 31), (42, 2, 0, 17)]:
@@ -96,9 +79,9 @@ def test_synthetic_is_deterministic_in_seed(tmp_path):
     assert not np.array_equal(a.train_x, c.train_x)
 
 
-def test_synthetic_files_are_official_pickles(tiny_dir):
+def test_synthetic_files_are_official_pickles(synth_dir):
     """Plain pickle reads them like the Python-2-written originals: bytes keys, or str keys with latin1."""
-    root = tiny_dir / DIRNAME
+    root = synth_dir / DIRNAME
     for name in FILES[:6]:
         with open(root / name, "rb") as f:
             d = pickle.load(f, encoding="bytes")
@@ -173,14 +156,14 @@ def test_missing_file_of_real_set(unmarked_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
-def test_batches_repickled_by_python3_load(tiny_dir, protocol):
+def test_batches_repickled_by_python3_load(synth_dir, protocol):
     """A valid batch file written by Python 3 (any protocol) is data, not a corrupt file."""
-    root = tiny_dir / DIRNAME
-    before = load_cifar10(tiny_dir, download=False)
+    root = synth_dir / DIRNAME
+    before = load_cifar10(synth_dir, download=False)
     for name in FILES:
         obj = pickle.loads((root / name).read_bytes(), encoding="bytes")
         (root / name).write_bytes(pickle.dumps(obj, protocol=protocol))
-    after = load_cifar10(tiny_dir, download=False)
+    after = load_cifar10(synth_dir, download=False)
     np.testing.assert_array_equal(after.train_x, before.train_x)
     np.testing.assert_array_equal(after.test_y, before.test_y)
     assert after.identity == before.identity
@@ -190,12 +173,12 @@ def test_batches_repickled_by_python3_load(tiny_dir, protocol):
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_truncated_file_names_the_file(tiny_dir, verify):
-    path = tiny_dir / DIRNAME / "data_batch_3"
+def test_truncated_file_names_the_file(synth_dir, verify):
+    path = synth_dir / DIRNAME / "data_batch_3"
     blob = path.read_bytes()
     path.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(UserError) as e:
-        load_cifar10(tiny_dir, verify=verify, download=False)
+        load_cifar10(synth_dir, verify=verify, download=False)
     assert str(path) in str(e.value) and "truncated or corrupt" in str(e.value)
 
 
@@ -208,31 +191,31 @@ class _Evil:
 
 
 @pytest.mark.parametrize("name", ["data_batch_1", "batches.meta"])
-def test_pickle_with_code_is_refused(tiny_dir, tmp_path, name):
+def test_pickle_with_code_is_refused(synth_dir, tmp_path, name):
     marker = tmp_path / "pwned"
-    path = tiny_dir / DIRNAME / name
+    path = synth_dir / DIRNAME / name
     with open(path, "wb") as f:
         pickle.dump({b"data": _Evil(marker), b"labels": [0]}, f, protocol=2)
     with pytest.raises(UserError) as e:
-        load_cifar10(tiny_dir, download=False)
+        load_cifar10(synth_dir, download=False)
     assert str(path) in str(e.value) and "system" in str(e.value)
     assert not marker.exists()
 
 
-def test_wrong_shapes_and_labels_are_refused(tiny_dir):
-    path = tiny_dir / DIRNAME / "data_batch_2"
+def test_wrong_shapes_and_labels_are_refused(synth_dir):
+    path = synth_dir / DIRNAME / "data_batch_2"
     with open(path, "wb") as f:
         pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, f)
     with pytest.raises(UserError, match=r"data_batch_2 .*expected \[n, 3072\]"):
-        load_cifar10(tiny_dir, download=False)
+        load_cifar10(synth_dir, download=False)
     with open(path, "wb") as f:
         pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}, f)
     with pytest.raises(UserError, match=r"data_batch_2 has labels outside 0\.\.9"):
-        load_cifar10(tiny_dir, download=False)
+        load_cifar10(synth_dir, download=False)
     with open(path, "wb") as f:
         pickle.dump({b"labels": [0]}, f)
     with pytest.raises(UserError, match=r"data_batch_2 lacks the key b'data'"):
-        load_cifar10(tiny_dir, download=False)
+        load_cifar10(synth_dir, download=False)
 
 
 # ---------------------------------------------------------------------------------------------- missing data

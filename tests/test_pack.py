@@ -44,13 +44,8 @@ N_TRAIN, N_TEST = 300, 100
 QUIET = ExecOptions(device="cpu", log=lambda m: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches: one thread beats two here, and by far on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny batches: one thread beats two here, and by far on a shared, busy CPU (conftest's `one_thread`).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
