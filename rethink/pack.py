@@ -48,6 +48,7 @@ from rethink.spec import RunSpec
 from rethink.store import Store, run_key
 from rethink.train import (
     CHECKPOINT_FORMAT,
+    EpochSteps,
     ExecOptions,
     Preempted,
     _amp,
@@ -545,14 +546,9 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
         perm, offsets = epoch_order(specs, epoch, n, device)
         seed_dropout(spec0.seed, epoch, rng_state if batch_start > 0 else None, device)
         rng_state = None
-        t0 = time.perf_counter()
-        last_ckpt = t0
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n_batches, initial=batch_start, desc=f"pack epoch {epoch + 1}/{spec0.epochs}",
-                       leave=False, file=sys.stderr)  # fmt: skip
+        steps = EpochSteps(sigterm, save_all, n_batches, batch_start, opts.checkpoint_minutes, progress,
+                           f"pack epoch {epoch + 1}/{spec0.epochs}")  # fmt: skip
+        t0 = steps.t0
         for b in range(batch_start, n_batches):
             x, y = train_batch(pd, perm, offsets, b, bs)
             losses, grad_sq = pm.train_step(x, y, lr, spec0.momentum, wd, amp)
@@ -560,19 +556,8 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
             if grad_sq is not None:
                 grad_sq_sum += grad_sq
             step += 1
-            if bar is not None:
-                bar.update(1)
-            now = time.perf_counter()
-            if sigterm.set:
-                if bar is not None:
-                    bar.close()
-                save_all(b + 1, now - t0)
-                raise Preempted(f"pack of {len(members)}: SIGTERM; checkpoints written at step {step}, exiting 143")
-            if b + 1 < n_batches and now - last_ckpt > 60 * opts.checkpoint_minutes:
-                save_all(b + 1, now - t0)
-                last_ckpt = now
-        if bar is not None:
-            bar.close()
+            steps.after(b, f"pack of {len(members)}")
+        steps.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t_train = time.perf_counter() - t0

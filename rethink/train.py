@@ -293,6 +293,40 @@ def summarize(spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data_
     }
 
 
+class EpochSteps:
+    """An epoch's step boundaries: the progress bar, SIGTERM (checkpoint, then Preempted) and timed checkpoints.
+
+    `save(batch, seconds)` writes the checkpoint(s) after `batch` batches, `seconds` into the epoch.
+    """
+
+    def __init__(self, sigterm, save, n_batches: int, start: int, minutes: float, progress: bool, desc: str):
+        self.sigterm, self.save, self.n_batches, self.minutes = sigterm, save, n_batches, minutes
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=n_batches, initial=start, desc=desc, leave=False, file=sys.stderr)
+
+    def after(self, b: int, what: str) -> None:
+        """Batch `b` is done: checkpoint and raise Preempted on SIGTERM, or checkpoint when one is due."""
+        if self.bar is not None:
+            self.bar.update(1)
+        now = time.perf_counter()
+        if self.sigterm.set:
+            self.close()
+            self.save(b + 1, now - self.t0)
+            raise Preempted(f"{what}: SIGTERM; checkpoint written after batch {b + 1}, exiting 143")
+        if b + 1 < self.n_batches and now - self.last > 60 * self.minutes:
+            self.save(b + 1, now - self.t0)
+            self.last = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def seed_dropout(seed: int, epoch: int, saved: dict | None, device: torch.device) -> None:
     """Set the global RNG (dropout) for an epoch: from (seed, epoch) at its start, from `saved` mid-epoch."""
     if saved is None:
@@ -488,15 +522,12 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
         offsets = random_offsets(n, g, device) if spec.random_crop else None
         seed_dropout(spec.seed, epoch, rng_state if batch_start > 0 else None, device)
         rng_state = None
-        t0 = time.perf_counter()
-        last_ckpt = t0
         compiled.train()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n_batches, initial=batch_start, desc=f"epoch {epoch + 1}/{spec.epochs}",
-                       leave=False, file=sys.stderr)  # fmt: skip
+        steps = EpochSteps(
+            sigterm, lambda batch, t, before=elapsed_in_epoch: save(batch, before + t), n_batches, batch_start,
+            opts.checkpoint_minutes, progress, f"epoch {epoch + 1}/{spec.epochs}",
+        )  # fmt: skip
+        t0 = steps.t0
         for b in range(batch_start, n_batches):
             x, y = batch_inputs(dd, perm[b * bs : (b + 1) * bs], offsets, use_cl)
             loss, grad_sq = sgd_step(compiled, optimizer, x, y, amp, tracked)
@@ -504,19 +535,8 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
                 grad_sq_sum += grad_sq
             loss_sum += loss.double()
             step += 1
-            if bar is not None:
-                bar.update(1)
-            now = time.perf_counter()
-            if sigterm.set:
-                if bar is not None:
-                    bar.close()
-                save(b + 1, elapsed_in_epoch + now - t0)
-                raise Preempted(f"run {run_id}: SIGTERM; checkpoint written at step {step}, exiting 143")
-            if b + 1 < n_batches and now - last_ckpt > 60 * opts.checkpoint_minutes:
-                save(b + 1, elapsed_in_epoch + now - t0)
-                last_ckpt = now
-        if bar is not None:
-            bar.close()
+            steps.after(b, f"run {run_id}")
+        steps.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t_train = time.perf_counter() - t0 + elapsed_in_epoch
