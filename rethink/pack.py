@@ -58,6 +58,7 @@ from rethink.train import (
     _write_metrics,
     checkpoint_position,
     environment,
+    epoch_record,
     epoch_seed,
     keep_freed_memory,
     prepare_data,
@@ -65,6 +66,7 @@ from rethink.train import (
     resolve_device,
     scale_invariant_weights,
     seed_dropout,
+    stop_reason,
     summarize,
     train_run,
 )
@@ -576,31 +578,10 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
             f"{max(accs):.4f} ({len(members) * n / max(t_train, 1e-9):.0f} img/s)")  # fmt: skip
         keep: list[int] = []
         for k, (m, v) in enumerate(zip(members, vals)):
-            rec = {
-                "epoch": epoch,
-                "step": step,
-                "lr": lr,
-                "train_loss": v[0],
-                "train_acc": v[2] / n,
-                "train_eval_loss": v[1] / n,
-                "test_loss": v[3] / pd.m,
-                "test_acc": v[4] / pd.m,
-                "epoch_seconds": elapsed[k] + t_epoch,
-                "train_seconds": elapsed[k] + t_train,
-                "eval_seconds": t_epoch - t_train,
-                "images_per_second": n / max(elapsed[k] + t_train, 1e-9),
-            }
-            if wsq is not None:
-                rec["weight_norm"] = math.sqrt(v[5])
-                rec["effective_lr"] = lr / v[5] if v[5] > 0 else float("inf")
-                rec["grad_norm"] = math.sqrt(v[6])
+            rec = epoch_record(epoch, step, lr, v, n, pd.m, elapsed[k] + t_epoch, elapsed[k] + t_train)
             m.metrics.append(rec)
             _write_metrics(store, m.spec.run_id, m.metrics)
-            stopped = "cap"
-            if not math.isfinite(rec["train_loss"]):
-                stopped = "diverged"
-            elif m.spec.target_train_acc is not None and rec["train_acc"] >= m.spec.target_train_acc:
-                stopped = "target"
+            stopped = stop_reason(m.spec, rec)
             if stopped != "cap" or epoch == m.spec.epochs:
                 result = summarize(m.spec, m.metrics, stopped, env, data.description)
                 store.write_text(run_key(m.spec.run_id, "result.json"), json.dumps(result, indent=2) + "\n")

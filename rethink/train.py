@@ -255,6 +255,43 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def epoch_record(epoch: int, step: int, lr: float, vals: list[float], n_train: int, n_test: int,
+                 seconds: float, train_seconds: float) -> dict:  # fmt: skip
+    """One line of metrics.jsonl from an epoch's host-side numbers.
+
+    vals: [mean train loss, summed train eval loss, train correct, summed test loss, test correct] and, with
+    tracked norms, [squared weight norm, mean squared gradient norm].
+    """
+    rec = {
+        "epoch": epoch,
+        "step": step,
+        "lr": lr,
+        "train_loss": vals[0],
+        "train_acc": vals[2] / n_train,
+        "train_eval_loss": vals[1] / n_train,
+        "test_loss": vals[3] / n_test,
+        "test_acc": vals[4] / n_test,
+        "epoch_seconds": seconds,
+        "train_seconds": train_seconds,
+        "eval_seconds": seconds - train_seconds,
+        "images_per_second": n_train / max(train_seconds, 1e-9),
+    }
+    if len(vals) > 5:
+        rec["weight_norm"] = math.sqrt(vals[5])
+        rec["effective_lr"] = lr / vals[5] if vals[5] > 0 else float("inf")
+        rec["grad_norm"] = math.sqrt(vals[6])
+    return rec
+
+
+def stop_reason(spec: RunSpec, rec: dict) -> str:
+    """'diverged' (non-finite loss), 'target' (training accuracy reached the spec's target), else 'cap'."""
+    if not math.isfinite(rec["train_loss"]):
+        return "diverged"
+    if spec.target_train_acc is not None and rec["train_acc"] >= spec.target_train_acc:
+        return "target"
+    return "cap"
+
+
 def summarize(spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data_description: str) -> dict:
     """The result record: final and best accuracies, time to the target and to each loss threshold."""
     last = metrics[-1]
@@ -550,24 +587,7 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
         vals = torch.stack([loss_sum / batches_run, tl, tc.double(), vl, vc.double(), *extra]).tolist()
         t_epoch = time.perf_counter() - t0 + elapsed_in_epoch
         epoch += 1
-        m = {
-            "epoch": epoch,
-            "step": step,
-            "lr": lr,
-            "train_loss": vals[0],
-            "train_acc": vals[2] / n,
-            "train_eval_loss": vals[1] / n,
-            "test_loss": vals[3] / dd.test_y.shape[0],
-            "test_acc": vals[4] / dd.test_y.shape[0],
-            "epoch_seconds": t_epoch,
-            "train_seconds": t_train,
-            "eval_seconds": t_epoch - t_train,
-            "images_per_second": n / max(t_train, 1e-9),
-        }
-        if tracked:
-            m["weight_norm"] = math.sqrt(vals[5])
-            m["effective_lr"] = lr / vals[5] if vals[5] > 0 else float("inf")
-            m["grad_norm"] = math.sqrt(vals[6])
+        m = epoch_record(epoch, step, lr, vals, n, dd.test_y.shape[0], t_epoch, t_train)
         metrics.append(m)
         batch_start, elapsed_in_epoch = 0, 0.0
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -575,10 +595,7 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
         log(f"run {run_id} epoch {epoch}/{spec.epochs}: loss {m['train_loss']:.4f} train acc "
             f"{m['train_acc']:.4f} test acc {m['test_acc']:.4f} ({m['images_per_second']:.0f} img/s)")  # fmt: skip
         _write_metrics(store, run_id, metrics)
-        if not math.isfinite(m["train_loss"]):
-            stopped = "diverged"
-        elif spec.target_train_acc is not None and m["train_acc"] >= spec.target_train_acc:
-            stopped = "target"
+        stopped = stop_reason(spec, m)
         if stopped != "cap" or epoch == spec.epochs:
             break
         save(0, 0.0)
