@@ -153,7 +153,7 @@ def spec_from_args(args, dataset: str):
         dropout=args.dropout,
         lr=args.lr,
         batch_size=args.batch_size,
-        epochs=args.epochs or 100,
+        epochs=100 if args.epochs is None else args.epochs,
         target_train_acc=args.target_acc,
         seed=args.seed,
         dataset=dataset,

@@ -273,7 +273,15 @@ def write_synthetic(out: str | os.PathLike, n_train: int, n_test: int, seed: int
     coarse = rng.normal(0.0, 1.0, size=(10, 3, 4, 4))
     prototypes = coarse.repeat(IMAGE // 4, axis=2).repeat(IMAGE // 4, axis=3)
     root = Path(out) / DIRNAME
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _write_synthetic_files(root, n_train, n_test, seed, rng, prototypes)
+    except OSError as e:
+        raise UserError(f"cannot write a synthetic data set to {out}: {e.strerror} ({e.filename})") from None
+    return root
+
+
+def _write_synthetic_files(root: Path, n_train: int, n_test: int, seed: int, rng, prototypes) -> None:
     data, labels = synthetic_images(n_train, rng, prototypes)
     for i, idx in enumerate(np.array_split(np.arange(n_train), 5)):
         _write_pickle(
@@ -305,7 +313,6 @@ def write_synthetic(out: str | os.PathLike, n_train: int, n_test: int, seed: int
             SYNTHETIC_KEY: json.dumps({"train": n_train, "test": n_test, "seed": seed, "format": 1}).encode(),
         },
     )
-    return root
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing

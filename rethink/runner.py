@@ -15,8 +15,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from rethink.spec import RunSpec
-from rethink.store import Store, open_store, run_key
+from rethink.store import Store, StoreError, open_store, run_key
 from rethink.train import ExecOptions, Preempted, read_metrics, train_run
+
+# What stops the whole runner instead of failing one run: preemption, Ctrl-C, and a store that cannot be written
+# (every other run would fail the same way, and their failures could not be recorded either).
+FATAL = (Preempted, KeyboardInterrupt, StoreError)
 
 
 @dataclass
@@ -82,7 +86,7 @@ def _train_in_worker(spec_json: str, store_url: str, source: DataSource, opts: E
             _worker_data[source.data_dir] = source.load()
         train_run(spec, store, _worker_data[source.data_dir], opts)
         return spec.run_id, None
-    except Preempted:
+    except FATAL:
         raise
     except BaseException as e:
         return spec.run_id, record_failure(store, spec, e)
@@ -144,9 +148,7 @@ def run_specs(
                 if data is None:
                     data = source.load()
                 train_run(spec, store, data, opts)
-            except Preempted:
-                raise
-            except KeyboardInterrupt:
+            except FATAL:
                 raise
             except Exception as e:
                 error = record_failure(store, spec, e)
@@ -165,6 +167,9 @@ def run_specs(
                 spec = futures[fut]
                 try:
                     _, error = fut.result()
+                except FATAL:
+                    pool.shutdown(cancel_futures=True)
+                    raise
                 except Exception as e:  # the worker process died
                     error = record_failure(store, spec, e)
                 finished(spec, error, k)
@@ -180,7 +185,7 @@ def _train_pack(pack: list[RunSpec], store: Store, data, opts: ExecOptions) -> d
     try:
         train_pack(pack, store, data, opts)
         return {s.run_id: None for s in pack}
-    except (Preempted, KeyboardInterrupt):
+    except FATAL:
         raise
     except Exception as e:
         return {s.run_id: None if store.exists(run_key(s.run_id, "result.json")) else record_failure(store, s, e)
@@ -228,6 +233,9 @@ def _run_packs(packs: list[list[RunSpec]], store: Store, store_url: str, source:
             pack = futures[fut]
             try:
                 errors = fut.result()
+            except FATAL:
+                pool.shutdown(cancel_futures=True)
+                raise
             except Exception as e:  # the worker process died
                 errors = {s.run_id: record_failure(store, s, e) for s in pack
                           if not store.exists(run_key(s.run_id, "result.json"))}  # fmt: skip

@@ -200,3 +200,18 @@ def test_every_subcommand_help_states_its_defaults():
                 continue
             option = action.option_strings[-1]
             assert f"(default: {action.default})" in text or "default" in (action.help or ""), (words, option)
+
+
+def test_synth_into_an_unwritable_place_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["data", "synth", "--out", str(blocker / "d"), "--train", "10", "--test", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rethink: error: cannot write a synthetic data set") and "Traceback" not in err
+
+
+def test_zero_epochs_is_refused_not_replaced_by_the_default(synth_dir, tmp_path, capsys):
+    argv = ["train", "--model", "mlp-1x512", "--epochs", "0", "--data-dir", str(synth_dir), "--store", str(tmp_path / "s")]
+    assert main(argv) == 2
+    assert "epochs must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -98,3 +98,27 @@ def test_run_command_exits_nonzero_listing_failures(tmp_path, data_dir, monkeypa
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "2 of 4 runs failed" in err and err.count("simulated failure") == 2
+
+
+def test_an_unwritable_store_stops_the_runner_with_one_error(tmp_path, data_dir, monkeypatch):
+    from rethink.store import StoreError
+
+    calls = []
+
+    def store_down(spec, store, data, o):
+        calls.append(spec.run_id)
+        raise StoreError("cannot write runs/x/spec.json in store s3://b: unreachable")
+
+    monkeypatch.setattr(runner, "train_run", store_down)
+    with pytest.raises(StoreError, match="unreachable"):
+        run_specs(specs_for(data_dir), str(tmp_path / "s"), DataSource(str(data_dir)), opts([]))
+    assert len(calls) == 1  # stopped at the first run instead of failing every run the same way
+
+
+def test_a_store_that_cannot_be_read_is_one_error_before_training(tmp_path, data_dir):
+    from rethink.store import StoreError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match="in store .*Not a directory"):
+        run_specs(specs_for(data_dir), str(blocker / "store"), DataSource(str(data_dir)), opts([]))
