@@ -549,7 +549,7 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
         seed_dropout(spec0.seed, epoch, rng_state if batch_start > 0 else None, device)
         rng_state = None
         steps = EpochSteps(sigterm, save_all, n_batches, batch_start, opts.checkpoint_minutes, progress,
-                           f"pack epoch {epoch + 1}/{spec0.epochs}")  # fmt: skip
+                           f"pack epoch {epoch + 1}/{spec0.epochs}", f"pack of {len(members)}")  # fmt: skip
         t0 = steps.t0
         for b in range(batch_start, n_batches):
             x, y = train_batch(pd, perm, offsets, b, bs)
@@ -558,7 +558,7 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
             if grad_sq is not None:
                 grad_sq_sum += grad_sq
             step += 1
-            steps.after(b, f"pack of {len(members)}")
+            steps.after(b)
         steps.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

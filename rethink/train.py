@@ -336,8 +336,9 @@ class EpochSteps:
     `save(batch, seconds)` writes the checkpoint(s) after `batch` batches, `seconds` into the epoch.
     """
 
-    def __init__(self, sigterm, save, n_batches: int, start: int, minutes: float, progress: bool, desc: str):
-        self.sigterm, self.save, self.n_batches, self.minutes = sigterm, save, n_batches, minutes
+    def __init__(self, sigterm, save, n_batches: int, start: int, minutes: float, progress: bool, desc: str,
+                 what: str):  # fmt: skip
+        self.sigterm, self.save, self.n_batches, self.minutes, self.what = sigterm, save, n_batches, minutes, what
         self.t0 = self.last = time.perf_counter()
         self.bar = None
         if progress:
@@ -345,7 +346,7 @@ class EpochSteps:
 
             self.bar = tqdm(total=n_batches, initial=start, desc=desc, leave=False, file=sys.stderr)
 
-    def after(self, b: int, what: str) -> None:
+    def after(self, b: int) -> None:
         """Batch `b` is done: checkpoint and raise Preempted on SIGTERM, or checkpoint when one is due."""
         if self.bar is not None:
             self.bar.update(1)
@@ -353,7 +354,7 @@ class EpochSteps:
         if self.sigterm.set:
             self.close()
             self.save(b + 1, now - self.t0)
-            raise Preempted(f"{what}: SIGTERM; checkpoint written after batch {b + 1}, exiting 143")
+            raise Preempted(f"{self.what}: SIGTERM; checkpoint written after batch {b + 1}, exiting 143")
         if b + 1 < self.n_batches and now - self.last > 60 * self.minutes:
             self.save(b + 1, now - self.t0)
             self.last = now
@@ -562,7 +563,7 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
         compiled.train()
         steps = EpochSteps(
             sigterm, lambda batch, t, before=elapsed_in_epoch: save(batch, before + t), n_batches, batch_start,
-            opts.checkpoint_minutes, progress, f"epoch {epoch + 1}/{spec.epochs}",
+            opts.checkpoint_minutes, progress, f"epoch {epoch + 1}/{spec.epochs}", f"run {run_id}",
         )  # fmt: skip
         t0 = steps.t0
         for b in range(batch_start, n_batches):
@@ -572,7 +573,7 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
                 grad_sq_sum += grad_sq
             loss_sum += loss.double()
             step += 1
-            steps.after(b, f"run {run_id}")
+            steps.after(b)
         steps.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
