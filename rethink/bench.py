@@ -157,10 +157,9 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
     """Steady-state rates of the unpacked trainer's step and evaluation (the body of train.train_run's loop)."""
     from rethink.cpu_linear import use_onednn_linears
     from rethink.data import random_offsets
-    from rethink.train import batch_inputs, epoch_seed, evaluate, keep_freed_memory, prepare_data, sgd_step
+    from rethink.train import batch_inputs, epoch_seed, evaluate, make_sgd, prepare_data, prepare_device, sgd_step
 
-    if device.type == "cpu":
-        keep_freed_memory()  # as train_run does
+    prepare_device(device)  # as train_run does
     dd = prepare_data(spec, data, device)
     use_cl = channels_last and not spec.model.startswith("mlp")
     torch.manual_seed(spec.seed)
@@ -169,8 +168,7 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
         use_onednn_linears(model)  # as train_run does by default
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
-                          **({"fused": True} if device.type == "cuda" else {"foreach": True}))  # fmt: skip
+    opt = make_sgd(model, spec, device)
     compiled = torch.compile(model, mode=compile_mode) if compile else model
     n, bs = dd.n_train, spec.batch_size
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -189,8 +187,8 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
         loss_sum += sgd_step(compiled, opt, x, y, amp)[0].double()
 
     def evaluate_all():
-        evaluate(compiled, dd.train_pre, dd.train_y, eval_batch, amp, use_cl)
-        return evaluate(compiled, dd.test_pre, dd.test_y, eval_batch, amp, use_cl)[0]
+        evaluate(compiled, dd.train_pre, dd.train_y, eval_batch, use_cl)
+        return evaluate(compiled, dd.test_pre, dd.test_y, eval_batch, use_cl)[0]
 
     return _measure(step, evaluate_all, new_epoch, math.ceil(n / bs), device, warmup, steps, bs,
                     n + dd.test_y.shape[0], lambda: compiled.train())  # fmt: skip
@@ -200,10 +198,9 @@ def measure_pack(specs: list[RunSpec], data: Cifar10, device: torch.device, amp:
                  compile_mode: str | None, warmup: int, steps: int, eval_batch: int) -> dict:  # fmt: skip
     """Steady-state rates of a pack's step and evaluation (the body of pack.train_pack's loop)."""
     from rethink.pack import PackedModel, _fresh_state, epoch_order, prepare_pack_data, train_batch
-    from rethink.train import keep_freed_memory
+    from rethink.train import prepare_device
 
-    if device.type == "cpu":
-        keep_freed_memory()  # as train_run does
+    prepare_device(device)  # as train_run does
     pd = prepare_pack_data(specs, data, device)
     pm = PackedModel(specs[0].model, 0.0, [_fresh_state(s) for s in specs], device, compile=compile,
                      compile_mode=compile_mode)  # fmt: skip
@@ -223,8 +220,8 @@ def measure_pack(specs: list[RunSpec], data: Cifar10, device: torch.device, amp:
         loss_sum += losses.double()
 
     def evaluate_all():
-        pm.evaluate(pd.train_pre, pd.train_base, pd.train_y, pd.n, eval_batch, amp)
-        return pm.evaluate(pd.test_pre, pd.test_base, pd.test_y, pd.m, eval_batch, amp)[0]
+        pm.evaluate(pd.train_pre, pd.train_base, pd.train_y, pd.n, eval_batch)
+        return pm.evaluate(pd.test_pre, pd.test_base, pd.test_y, pd.m, eval_batch)[0]
 
     return _measure(step, evaluate_all, new_epoch, math.ceil(pd.n / bs), device, warmup, steps, bs * len(specs),
                     (pd.n + pd.m) * len(specs), lambda: None)  # fmt: skip
@@ -304,7 +301,7 @@ def epoch_seconds(train_ips: float, eval_ips: float, k: int = 1) -> float:
 
 
 def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False, compile_mode: str | None = None,
-          amp: bool | None = None, batch_size: int = 128, steps: int = 50, warmup: int = 10,
+          amp: bool = False, batch_size: int = 128, steps: int = 50, warmup: int = 10,
           data_dir: str | None = None, baseline: bool = False, workers: int = 2, epochs: int = 0,
           train_images: int | None = None, test_images: int | None = None, log=print) -> dict:  # fmt: skip
     """Measure one configuration; the record `rethink bench --json` prints."""
@@ -316,7 +313,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
     if pack < 1 or steps < 1 or warmup < 0 or batch_size < 1 or epochs < 0:
         raise UserError("--pack, --steps and --batch-size must be at least 1; --warmup and --epochs at least 0")
     dev = resolve_device(device)
-    amp = (dev.type == "cuda") if amp is None else amp
+    amp = bool(amp)
     channels_last = dev.type == "cuda" and pack == 1 and not model.startswith("mlp")
     if train_images is None:
         train_images = 50_000 if epochs else min(50_000, (warmup + steps) * batch_size)
@@ -449,7 +446,7 @@ def run_cli(args) -> int:
         pack=args.pack,
         compile=args.compile,
         compile_mode=args.compile_mode,
-        amp=False if args.no_amp else None,
+        amp=args.amp,
         batch_size=args.batch_size,
         steps=args.steps,
         warmup=args.warmup,

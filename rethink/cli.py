@@ -22,6 +22,13 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad input gives the error and where to look, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\nsee '{self.prog} --help'\n")
+
+
 def _parser(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=description or help, formatter_class=_Formatter)
 
@@ -39,7 +46,9 @@ def add_exec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     p.add_argument("--store", default="./runs", help="where runs live: a directory, file://PATH or s3://bucket/prefix")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast (on by default on CUDA only)")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast for the training steps (CUDA); default off: float32 (TF32 on CUDA) until "
+                        "bench/gpu.sh has shown bf16 and float32 runs agree; evaluation is float32 either way")
     p.add_argument("--no-onednn", action="store_true",
                    help="on the CPU, run fully connected layers through PyTorch's default BLAS instead of oneDNN "
                         "(default: oneDNN, ~2x faster on some CPUs; same function up to rounding)")  # fmt: skip
@@ -89,7 +98,7 @@ def exec_options(args):
 
     return ExecOptions(
         device=args.device,
-        amp=False if args.no_amp else None,
+        amp=args.amp,
         compile=args.compile,
         onednn=False if getattr(args, "no_onednn", False) else None,
         checkpoint_minutes=args.checkpoint_minutes,
@@ -216,12 +225,33 @@ def add_suite_options(p: argparse.ArgumentParser, required: bool = True) -> None
                         "smoke: 2)")  # fmt: skip
     p.add_argument("--smoke", action="store_true",
                    help="size any suite like the smoke suite: 256 train / 256 test images, 2 epochs unless --epochs")  # fmt: skip
+    p.add_argument("--stop-at-acc", type=_fraction, default=None, metavar="ACC",
+                   help="stop each run at the first epoch end with training accuracy >= ACC (e.g. 1.0), for little "
+                        "compute: other runs than the paper's (their accuracies are not after convergence); "
+                        "default: every run trains to its epoch cap")  # fmt: skip
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overfit-threshold", type=_fraction, default=None, metavar="ACC",
+                   help="Figure 1b's time to overfit: the first epoch end with training accuracy >= ACC "
+                        "(default: 0.99, a level every run of the paper's Table 1 reaches)")  # fmt: skip
 
 
 def suite_options(args):
     from rethink.suites import Options
 
-    return Options(dataset=dataset_of(args), seeds=args.seeds, epochs=args.epochs, smoke=getattr(args, "smoke", False))
+    return Options(dataset=dataset_of(args), seeds=args.seeds, epochs=args.epochs, smoke=getattr(args, "smoke", False),
+                   target_acc=getattr(args, "stop_at_acc", None))  # fmt: skip
 
 
 def suite_specs(args):
@@ -239,8 +269,8 @@ def cmd_suites(args) -> int:
         gpu, cpu = estimate_seconds(specs, "gpu") / 3600, estimate_seconds(specs, "cpu") / 3600
         note = "" if suite.in_full or name == "full" else " [not in full]"
         print(f"{name:<14}{len(specs):>6}{gpu:>14.2f}{cpu:>14.1f}  {suite.description}{note}")
-    print("\nestimates: every run to its epoch cap (runs stopping at 100% train accuracy finish sooner); "
-          "GPU: one H100, bf16 targets until measured; CPU: this project's 2-core machine (docs/performance.md)")
+    print("\nestimates: every run to its epoch cap (the paper's protocol; --stop-at-acc finishes sooner); "
+          "GPU: one H100, float32 targets until measured; CPU: this project's 2-core machine (docs/performance.md)")
     print("not training suites, so not listed (own cost and hardware): `rethink expressivity` (Section 4, CPU, "
           "seconds) and `rethink kernel` (Section 5, a 50k x 50k kernel solve: a large GPU for the full set)")  # fmt: skip
     return 0
@@ -315,7 +345,11 @@ def _aggregate(args) -> None:
     from rethink.report import aggregate
     from rethink.store import open_store
 
-    written = aggregate(open_store(args.store), args.suite, suite_options(args), log=lambda m: print(m, flush=True))
+    from rethink.suites import OVERFIT_THRESHOLD
+
+    threshold = getattr(args, "overfit_threshold", None) or OVERFIT_THRESHOLD
+    written = aggregate(open_store(args.store), args.suite, suite_options(args), log=lambda m: print(m, flush=True),
+                        overfit_threshold=threshold)  # fmt: skip
     for key in written:
         if key.endswith("report.html"):
             print(f"report: {open_store(args.store).where(key)}")
@@ -346,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rethink.corruptions import PIXEL_MODES
     from rethink.models import MODELS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rethink",
         description="Reproduce the CIFAR-10 experiments of Zhang et al. 2017, "
         "'Understanding Deep Learning Requires Rethinking Generalization'.",
@@ -421,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_suite_options(p)
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     p.add_argument("--no-aggregate", action="store_true", help="skip rendering the report at the end")
+    add_report_options(p)
     p.add_argument("--pack", type=int, default=1, help="train up to K compatible runs together as one batched model "
                    "(same model and schedule; see docs/performance.md); 1: each run alone")
     add_data_options(p)
@@ -435,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser(sub, "aggregate", "render a suite's figures, tables and report from the runs in the store")
     add_suite_options(p)
+    add_report_options(p)
     p.add_argument("--store", default="./runs", help="where runs live: a directory, file://PATH or s3://bucket/prefix")
     add_data_options(p)
     p.set_defaults(func=cmd_aggregate)
@@ -478,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs); default: torch's default")
-    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast (on by default on CUDA only)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the training steps (default: float32)")
     p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
     p.add_argument("--steps", type=int, default=50, help="timed training steps")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator warm-up)")

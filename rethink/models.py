@@ -173,6 +173,18 @@ def build_model(name: str, dropout: float = 0.0) -> nn.Module:
     raise UserError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
 
 
+def decayed_parameter_names(model: nn.Module) -> list[str]:
+    """The parameters weight decay acts on: the kernels of convolutional and linear layers.
+
+    "Equivalent to a l2 regularizer on the weights" (Appendix A): not biases, not the offsets after BatchNorm.
+    """
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            names.append(f"{prefix}.weight" if prefix else "weight")
+    return names
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

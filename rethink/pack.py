@@ -5,7 +5,8 @@ copy of the module runs under `torch.func.vmap` (`functional_call` on the stacke
 `torch.func.stack_module_state`). A step is then one batched forward and backward: linear layers become
 batched matmuls, convolutions grouped convolutions, and BatchNorm updates each run's own slice of the
 stacked running statistics (evaluation uses them). SGD with momentum is written out on the stacked tensors,
-with each run's own weight decay added to its gradient (wd_k * w_k, what SGD's `weight_decay` does).
+with each run's own weight decay added to the gradient of its kernels (wd_k * w_k, what the trainer's SGD
+group of decayed weights does; biases and BatchNorm offsets are not decayed).
 
 What stays per run, exactly as the unpacked trainer (`train.train_run`) draws it: initialization
 (`torch.manual_seed(seed)` then `build_model`), data order and random crops (`epoch_seed(seed, epoch)`),
@@ -43,7 +44,7 @@ from torch.func import functional_call, vmap
 from rethink.corruptions import corrupt_labels
 from rethink.data import Cifar10, preprocess, random_offsets
 from rethink.errors import UserError
-from rethink.models import build_model
+from rethink.models import build_model, decayed_parameter_names
 from rethink.spec import RunSpec
 from rethink.store import Store, run_key
 from rethink.train import (
@@ -60,8 +61,9 @@ from rethink.train import (
     environment,
     epoch_record,
     epoch_seed,
-    keep_freed_memory,
+    make_sgd,
     prepare_data,
+    prepare_device,
     read_result,
     resolve_device,
     scale_invariant_weights,
@@ -232,6 +234,7 @@ class PackedModel:
                  track_norms: bool = False):  # fmt: skip
         self.template = build_model(name, dropout=dropout)  # names, shapes and the checkpoint layout
         self.param_names = [n for n, _ in self.template.named_parameters()]
+        self.decayed = set(decayed_parameter_names(self.template))
         self.buffer_names = [n for n, _ in self.template.named_buffers()]
         self.state_names = list(self.template.state_dict())
         self.base = copy.deepcopy(self.template).to("meta")
@@ -275,8 +278,9 @@ class PackedModel:
             if self.tracked:
                 g = dict(zip(self.param_names, grads))
                 grad_sq = sum(g[n].double().pow(2).flatten(1).sum(1) for n in self.tracked)
-            if weight_decay is not None:  # coupled L2 as SGD's weight_decay: d = g + wd_k * w_k
-                grads = [torch.addcmul(g, weight_decay.view(-1, *[1] * (g.dim() - 1)), p) for g, p in zip(grads, params)]
+            if weight_decay is not None:  # coupled L2 on the kernels, as the trainer's SGD: d = g + wd_k * w_k
+                grads = [torch.addcmul(g, weight_decay.view(-1, *[1] * (g.dim() - 1)), p) if n in self.decayed else g
+                         for n, g, p in zip(self.param_names, grads, params)]  # fmt: skip
             if momentum != 0:
                 if not self.momentum:
                     self.momentum = {n: g.detach().clone() for n, g in zip(self.param_names, grads)}
@@ -289,10 +293,11 @@ class PackedModel:
         return losses.detach(), grad_sq
 
     @torch.no_grad()
-    def evaluate(self, pre: torch.Tensor, base: list[int], y: torch.Tensor, count: int, batch: int, amp: bool):
+    def evaluate(self, pre: torch.Tensor, base: list[int], y: torch.Tensor, count: int, batch: int):
         """(summed loss [K] float64, correct [K] int64) over rows base[k] .. base[k] + count - 1 of `pre`.
 
-        `y` is [K, count], or [count] when every member has the same labels. No host sync here.
+        `y` is [K, count], or [count] when every member has the same labels. No host sync here. Float32
+        logits whatever the training precision, as the trainer's `evaluate`.
         """
         self.base.eval()
         k = len(base)
@@ -306,7 +311,7 @@ class PackedModel:
                 x = pre[base[0] + i : base[0] + j]
             else:
                 x = pre[rows + torch.arange(i, j, device=pre.device)]
-            with torch.autocast(pre.device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(pre.device.type, enabled=False):
                 out = self.forward(x, shared=shared)
             out = out.to(torch.promote_types(out.dtype, torch.float32))
             yb = (y[:, i:j] if y.dim() == 2 else y[i:j].expand(k, -1)).contiguous()
@@ -338,21 +343,9 @@ class PackedModel:
         return {n: self.momentum[n][k].to("cpu", copy=True) for n in self.param_names}
 
 
-def _sgd(params, spec: RunSpec, device: torch.device) -> torch.optim.SGD:
-    """The trainer's optimizer, configured alike: its state_dict is the checkpoint format."""
-    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
-                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))  # fmt: skip
-
-
-def optimizer_state(template: torch.nn.Module, spec: RunSpec, device: torch.device, lr: float,
-                    momentum: dict | None) -> dict:  # fmt: skip
-    """The state_dict the trainer's SGD would have with these momentum buffers (None: before the first step)."""
-    opt = _sgd(template.parameters(), spec, device)
-    opt.param_groups[0]["lr"] = lr
-    if momentum is not None:
-        for name, p in template.named_parameters():
-            opt.state[p]["momentum_buffer"] = momentum[name]
-    return opt.state_dict()
+def optimizer_state(momentum: dict | None) -> dict:
+    """The trainer's optimizer entry (train.MomentumSGD.state_dict) for these buffers (None: before a step)."""
+    return {"momentum_buffers": momentum or {}}
 
 
 # ---------------------------------------------------------------------------------------------- members
@@ -394,13 +387,13 @@ def _load_member(spec: RunSpec, store: Store, n_batches: int, log) -> _Member:
         c_epoch, c_batch, c_step, c_metrics = checkpoint_position(ckpt, spec, n_batches)
         rng = ckpt["rng"]
         template.load_state_dict(ckpt["model"])  # raises on a missing key or a wrong shape
-        opt = torch.optim.SGD(template.parameters(), lr=spec.lr, momentum=spec.momentum)
-        opt.load_state_dict(ckpt["optimizer"])
+        opt = make_sgd(template, spec)
+        opt.load_state_dict(ckpt["optimizer"])  # raises on buffers that do not fit
         momentum = None
         if spec.momentum != 0 and c_step > 0:
-            momentum = {n: opt.state[p]["momentum_buffer"] for n, p in template.named_parameters()}
-            if any(b is None or b.shape != p.shape for b, p in zip(momentum.values(), template.parameters())):
-                raise ValueError("bad momentum buffers")
+            if opt.buffers is None:
+                raise ValueError("no momentum buffers after a step")
+            momentum = dict(zip(opt.names, opt.buffers))
         member.model = {k: v.detach().clone() for k, v in template.state_dict().items()}
         member.momentum = momentum and {k: v.detach().clone() for k, v in momentum.items()}
         member.metrics, member.epoch, member.batch, member.step = c_metrics, c_epoch, c_batch, c_step
@@ -481,7 +474,7 @@ def _save_member(store: Store, pm: PackedModel, k: int, member: _Member, device,
         "batch": batch,
         "step": step,
         "model": pm.member_state(k),
-        "optimizer": optimizer_state(pm.template, spec, device, lr, pm.member_momentum(k)),
+        "optimizer": optimizer_state(pm.member_momentum(k)),
         "rng": {
             "torch": torch.get_rng_state(),
             **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
@@ -502,8 +495,7 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
     """Train members that stand at the same position as one packed model, to the end of each."""
     log = opts.log
     device = resolve_device(opts.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    prepare_device(device)
     amp = _amp(opts, device)
     spec0 = members[0].spec
     env = environment(device, opts)
@@ -563,8 +555,8 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t_train = time.perf_counter() - t0
-        tl, tc = pm.evaluate(pd.train_pre, pd.train_base, pd.train_y, n, eval_batch, amp)
-        vl, vc = pm.evaluate(pd.test_pre, pd.test_base, pd.test_y, pd.m, eval_batch, amp)
+        tl, tc = pm.evaluate(pd.train_pre, pd.train_base, pd.train_y, n, eval_batch)
+        vl, vc = pm.evaluate(pd.test_pre, pd.test_base, pd.test_y, pd.m, eval_batch)
         rows = [loss_sum / n_batches, tl, tc.double(), vl, vc.double()]
         wsq = pm.weight_sq()
         if wsq is not None:
@@ -583,7 +575,7 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
             _write_metrics(store, m.spec.run_id, m.metrics)
             stopped = stop_reason(m.spec, rec)
             if stopped != "cap" or epoch == m.spec.epochs:
-                result = summarize(m.spec, m.metrics, stopped, env, data.description)
+                result = summarize(m.spec, m.metrics, stopped, env, data.provenance())
                 store.write_text(run_key(m.spec.run_id, "result.json"), json.dumps(result, indent=2) + "\n")
                 store.delete(run_key(m.spec.run_id, "error.json"))
                 results[m.spec.run_id] = result

@@ -48,7 +48,7 @@ from rethink import periodic, regularizers, suites
 from rethink.models import DEFAULT_LR, DISPLAY
 from rethink.spec import RunSpec
 from rethink.store import Store, run_key
-from rethink.train import read_metrics, read_result
+from rethink.train import first_reached, read_metrics, read_result
 
 SYNTHETIC_BANNER = "SYNTHETIC DATA — these numbers are not CIFAR-10"
 MODE_NAMES = {
@@ -84,6 +84,7 @@ class Context:
     metrics: dict[str, list[dict]]  # run id -> per-epoch records of metrics.jsonl
     errors: dict[str, str]  # run id -> error message of error.json (failed, unfinished runs only)
     log: Callable[[str], None] = print
+    overfit_threshold: float = suites.OVERFIT_THRESHOLD  # Figure 1b: training accuracy that counts as fitted
     written: list[str] = field(default_factory=list)  # keys written so far (shared by all sections)
     images: dict[str, bytes] = field(default_factory=dict)  # PNG file name -> bytes, for report.html
 
@@ -192,7 +193,7 @@ def plot_points(ax, xs, means, stds, exact, label: str, color, marker: str) -> N
     ax.plot([], [], color=color, marker=marker, label=label)  # the legend entry
 
 
-HOLLOW_NOTE = "hollow: did not reach the target within its epoch cap (plotted at the cap)"
+HOLLOW_NOTE = "hollow: never reached the threshold within its epoch cap (plotted at its last step)"
 
 
 def hollow_handle() -> Line2D:
@@ -266,22 +267,31 @@ def render_fig1a(ctx: Context) -> Section:
     return Section("Figure 1a: fitting random labels and random pixels", body, names[:1])
 
 
+def overfit_step(metrics: list[dict], result: dict, threshold: float) -> tuple[int, bool]:
+    """(the step of the first epoch end with training accuracy >= threshold, True), or (the run's last step,
+    False) when it never got there: a lower bound of its time to overfit."""
+    hit = first_reached(metrics, threshold)
+    return (hit["step"], True) if hit else (result["steps"], False)
+
+
 def _fig1bc_points(ctx: Context, model: str):
-    """Per corruption level p of `model`: p, relative time to overfit, test error (lists per seed), flags."""
+    """Per corruption level p of `model`: p, time to overfit and test error (lists per seed), flags."""
     groups: dict[float, list[RunSpec]] = {}
     for s in ctx.specs:
         if s.model == model:
             groups.setdefault(s.label_noise, []).append(s)
     out = []
     for p in sorted(groups):
-        done = [ctx.results[s.run_id] for s in ctx.finished(groups[p])]
+        done = ctx.finished(groups[p])
         if not done:
             continue
-        steps = [r["target_step"] if r["target_step"] is not None else r["steps"] for r in done]
-        out.append(dict(p=p, n=len(done), expected=len(groups[p]), steps=steps,
-                        reached=all(r["target_step"] is not None for r in done),
-                        caps=sorted({r["epochs"] for r in done if r["target_step"] is None}),
-                        test_err=[1 - r["final_test_acc"] for r in done]))  # fmt: skip
+        results = [ctx.results[s.run_id] for s in done]
+        hits = [overfit_step(ctx.metrics.get(s.run_id) or [], ctx.results[s.run_id], ctx.overfit_threshold)
+                for s in done]  # fmt: skip
+        out.append(dict(p=p, n=len(done), expected=len(groups[p]), steps=[h[0] for h in hits],
+                        reached=all(h[1] for h in hits),
+                        caps=sorted({r["epochs"] for r, h in zip(results, hits) if not h[1]}),
+                        test_err=[1 - r["final_test_acc"] for r in results]))  # fmt: skip
     return out
 
 
@@ -292,7 +302,7 @@ def render_fig1bc(ctx: Context) -> Section:
     fig_b, ax_b = new_figure()
     fig_c, ax_c = new_figure()
     rows, any_hollow, any_points, notes = [], False, False, []
-    target = next((s.target_train_acc for s in ctx.specs if s.target_train_acc), suites.TARGET_ACC)
+    target = ctx.overfit_threshold
     points = {m: _fig1bc_points(ctx, m) for m in models}
     for i, model in enumerate(models):
         pts = points[model]
@@ -305,7 +315,7 @@ def render_fig1bc(ctx: Context) -> Section:
         else:
             base_steps = float(np.mean(base["steps"]))
             if not base["reached"]:
-                notes.append(f"{DISPLAY[model]}: the true-label run did not reach the target either; its times "
+                notes.append(f"{DISPLAY[model]}: the true-label run did not reach the threshold either; its times "
                              "are relative to its cap")  # fmt: skip
             rel = [[v / base_steps for v in q["steps"]] for q in pts]
             exact = [q["reached"] and base["reached"] for q in pts]
@@ -329,8 +339,9 @@ def render_fig1bc(ctx: Context) -> Section:
         ax.set_xticks(suites.CORRUPTION_LEVELS)
     extra = [hollow_handle()] if any_hollow else []
     handles_b = ax_b.get_legend_handles_labels()[0] + extra
-    finish_axes(ax_b, "Figure 1b: time to overfit vs label corruption", "label corruption p",
-                f"relative time to overfit ({100 * target:g}% train acc)", handles=handles_b)  # fmt: skip
+    finish_axes(ax_b, f"Figure 1b: time to overfit ({100 * target:g}% training accuracy) vs label corruption",
+                "label corruption p", f"relative time to reach {100 * target:g}% train acc (steps / true labels')",
+                handles=handles_b)  # fmt: skip
     ax_b.set_ylim(bottom=0)
     ax_c.axhline(0.9, color="gray", ls="--", lw=1, label="chance (90% error)")
     hollow_c = any(not q["reached"] for pts in points.values() for q in pts)
@@ -341,7 +352,7 @@ def render_fig1bc(ctx: Context) -> Section:
     names = ctx.save_figure(fig_b, "fig1b")[:1] + ctx.save_figure(fig_c, "fig1c")[:1]
     body = (
         f"Time to overfit: the SGD step at the first epoch end with training accuracy >= {100 * target:g}%, "
-        "divided by that of the same model on true labels (p = 0). A run that never reached the target within "
+        "divided by that of the same model on true labels (p = 0). A run that never reached the threshold within "
         "its epoch cap is drawn hollow at its cap: its true time is at least that. Test error is measured at "
         "the end of the run. Error bars: ± one standard deviation over seeds, where there are several.\n\n"
         + "".join(f"- {n}\n" for n in notes)
@@ -472,7 +483,69 @@ def render_fig2b(ctx: Context) -> Section:
     return Section("Figure 2b: with and without BatchNorm", body, names[:1])
 
 
+def mode_name(spec: RunSpec) -> str:
+    """'random labels', 'labels corrupted with p = 0.5', 'shuffled pixels', ... for a spec's randomization test."""
+    if (spec.labels, spec.pixels) in MODE_NAMES:
+        return MODE_NAMES[(spec.labels, spec.pixels)]
+    parts = []
+    if spec.labels != "true":
+        parts.append("random labels" if spec.labels == "random" else f"labels corrupted with p = {spec.label_noise:g}")
+    if spec.pixels != "none":
+        parts.append(MODE_NAMES.get(("true", spec.pixels), f"{spec.pixels} pixels"))
+    return ", ".join(parts)
+
+
+def render_quickstart(ctx: Context) -> Section:
+    """Training and test accuracy per epoch of each randomization test: random labels fitted, test at chance."""
+    fig, (ax_train, ax_test) = new_figure(ncols=2, width=5.6, sharey=True)
+    groups: dict[str, list[RunSpec]] = {}
+    for s in ctx.specs:
+        groups.setdefault(mode_name(s), []).append(s)
+    rows, counts, csv_rows = [], [], []
+    for i, (name, specs) in enumerate(groups.items()):
+        runs = ctx.curves(specs)
+        counts.append(len(runs))
+        color = COLORS[i % len(COLORS)]
+        plot_curves(ax_train, runs, "epoch", "train_acc", name, color)
+        plot_curves(ax_test, runs, "epoch", "test_acc", name, color, style="--")
+        for s in ctx.finished(specs):
+            for m in ctx.metrics.get(s.run_id) or []:
+                csv_rows.append({"mode": name, "seed": s.seed, "run_id": s.run_id, "epoch": m["epoch"],
+                                 "step": m["step"], "train_loss": m["train_loss"], "train_acc": m["train_acc"],
+                                 "test_acc": m["test_acc"]})  # fmt: skip
+        done = [ctx.results[s.run_id] for s in ctx.finished(specs)]
+        fit = [first_reached(ctx.metrics.get(s.run_id) or [], ctx.overfit_threshold) for s in ctx.finished(specs)]
+        rows.append([name, f"{len(done)} of {len(specs)}", _mean_std([r["final_train_acc"] for r in done], 100),
+                     _mean_std([r["final_test_acc"] for r in done], 100),
+                     ", ".join("never" if h is None else str(h["epoch"]) for h in fit)])  # fmt: skip
+    for ax in (ax_train, ax_test):
+        if not any(counts):
+            no_data(ax)
+        ax.axhline(0.1, color="gray", ls=":", lw=1, label="chance (10%)")
+        ax.set_ylim(0, 1.02)
+    cap = max((s.epochs for s in ctx.specs), default=0)
+    n = sorted({s.train_subset or "all" for s in ctx.specs}, key=str)
+    finish_axes(ax_train, "training accuracy (whole training set)", "epoch", "accuracy")
+    finish_axes(ax_test, "test accuracy (true test labels)", "epoch", "accuracy", legend=False)
+    fig.suptitle(f"{DISPLAY[ctx.specs[0].model] if ctx.specs else ''}: fitting random labels and random pixels "
+                 f"({', '.join(map(str, n))} training images, {cap} epochs)", fontsize=12)  # fmt: skip
+    names = ctx.save_figure(fig, "quickstart")
+    ctx.write_text("quickstart.csv", pd.DataFrame(csv_rows, columns=["mode", "seed", "run_id", "epoch", "step",
+                   "train_loss", "train_acc", "test_acc"]).to_csv(index=False))  # fmt: skip
+    body = (
+        "The paper's central observation, small enough for a laptop: the same network and optimizer fit the "
+        "training set whatever its labels or pixels are (left), while the test accuracy (right, always on the "
+        "true test labels) is what separates real structure from noise: at chance for random labels and "
+        "gaussian inputs, in between for half-corrupted labels." + _seeds_note(counts) + " Data: quickstart.csv."
+        "\n\n"
+        + md_table(["mode", "runs finished", "final train acc (%)", "final test acc (%)",
+                    f"first epoch with train acc >= {100 * ctx.overfit_threshold:g}%"], rows)  # fmt: skip
+    )
+    return Section("Quickstart: fitting random labels", body, names[:1])
+
+
 SECTIONS: dict[str, Callable[[Context], Section | None]] = {
+    "quickstart": render_quickstart,
     "fig1a": render_fig1a,
     "fig1bc": render_fig1bc,
     "table1": render_table1,
@@ -517,7 +590,7 @@ def _load(store: Store, specs: list[RunSpec], log) -> tuple[dict, dict, dict]:
     return results, metrics, errors
 
 
-def _protocol(specs: list[RunSpec], o: suites.Options) -> str:
+def _protocol(specs: list[RunSpec], o: suites.Options, overfit_threshold: float) -> str:
     def values(attr) -> str:
         return ", ".join(sorted({f"{getattr(s, attr):g}" if isinstance(getattr(s, attr), float)
                                  else str(getattr(s, attr)) for s in specs}))  # fmt: skip
@@ -531,17 +604,23 @@ def _protocol(specs: list[RunSpec], o: suites.Options) -> str:
         "initial learning rate "
         + ", ".join(f"{DISPLAY[m]} {DEFAULT_LR[m]:g}" for m in DEFAULT_LR)
         + f"; multiplied by {values('lr_decay')} after every epoch",
-        f"weight decay, when on: {suites.WEIGHT_DECAY:g} (coupled L2, SGD weight_decay, every parameter)",
+        f"weight decay, when on: {suites.WEIGHT_DECAY:g} (coupled L2 added to the gradient) on the kernels of "
+        "convolutional and linear layers only, not on biases or BatchNorm offsets",
         "preprocessing: central 28x28 crop and per-image standardization; random crop: a 28x28 window per image "
         "per epoch; evaluation always uses the central crop",
         "test labels: always the true labels (corruptions touch the training labels only)",
         f"time to overfit: the step count at the first epoch end with training accuracy >= "
-        f"{100 * suites.TARGET_ACC:g}% (evaluated on the whole training set)",
+        f"{100 * overfit_threshold:g}% (evaluated on the whole training set, float32 logits)",
         "epoch caps of the paper suites: "
         + ", ".join(f"{m} {c}" for m, c in suites.EPOCH_CAPS.items())
         + "; in this report: "
         + "; ".join(f"{m} {', '.join(map(str, c))}" for m, c in caps.items()),
-        "core runs stop at the target or the cap; Figure 2b runs always go to the cap",
+        "stopping: "
+        + ("every run trains to its epoch cap (accuracies after convergence)"
+           if all(s.target_train_acc is None for s in specs)
+           else "runs with a target stop at the first epoch end reaching it ("
+           + ", ".join(sorted({f"{100 * s.target_train_acc:g}%" for s in specs if s.target_train_acc}))
+           + "), the others at their cap: accuracies are not all after convergence"),
         "Small AlexNet LRN: size 9, alpha 1e-3, beta 0.75, k 1",
         "Small Inception BatchNorm without scale (no affine parameters, a learned per-channel offset after it); "
         "PyTorch defaults momentum 0.1, eps 1e-5",
@@ -568,8 +647,9 @@ def _environment(results: dict) -> str:
         "torch",
         "python",
         "rethink",
+        "git",
         "threads",
-        "amp",
+        "precision",
         "channels_last",
         "compile",
     ]
@@ -577,8 +657,17 @@ def _environment(results: dict) -> str:
     for text, rs in envs.items():
         env = json.loads(text)
         rows.append([env.get(k, "") for k in keys] + [len(rs)])
-    data = sorted({str(r.get("data", "")) for r in results.values() if r is not None})
+    data = sorted({data_line(r.get("data")) for r in results.values() if r is not None})
     return md_table(keys + ["runs"], rows) + "\n\nData: " + "; ".join(data) + "\n"
+
+
+def data_line(data) -> str:
+    """A result's data provenance in one line: what it was and the md5 of each file read."""
+    if not isinstance(data, dict):
+        return str(data or "")
+    md5 = data.get("file_md5") or {}
+    files = ", ".join(f"{name} {digest}" for name, digest in md5.items())
+    return data.get("description", data.get("identity", "")) + (f" (md5: {files})" if files else "")
 
 
 def _status(store, specs, results, metrics, errors) -> tuple[str, dict]:
@@ -598,7 +687,8 @@ def _status(store, specs, results, metrics, errors) -> tuple[str, dict]:
             f"finished:\n\n" + "\n".join(lines) + "\n"), counts  # fmt: skip
 
 
-def aggregate(store: Store, suite: str, o: suites.Options, log=print) -> list[str]:
+def aggregate(store: Store, suite: str, o: suites.Options, log=print,
+              overfit_threshold: float = suites.OVERFIT_THRESHOLD) -> list[str]:  # fmt: skip
     """Render `reports/<suite>/` from the suite's runs in `store`; returns the keys written."""
     specs_by_component = suites.components(suite, o)
     all_specs = suites.expand(suite, o)
@@ -616,8 +706,8 @@ def aggregate(store: Store, suite: str, o: suites.Options, log=print) -> list[st
         ids = [s.run_id for s in specs]
         ctx = Context(store=store, suite=suite, out=out, component=component, specs=specs,
                       results={i: results[i] for i in ids}, metrics={i: metrics[i] for i in ids},
-                      errors={i: errors[i] for i in ids if i in errors}, log=log, written=written,
-                      images=images)  # fmt: skip
+                      errors={i: errors[i] for i in ids if i in errors}, log=log,
+                      overfit_threshold=overfit_threshold, written=written, images=images)  # fmt: skip
         section = render(ctx)
         if section is not None:
             sections.append(section)
@@ -641,7 +731,7 @@ def aggregate(store: Store, suite: str, o: suites.Options, log=print) -> list[st
         parts += [f"## {sec.title}", ""]
         parts += [f"![{name.rsplit('.', 1)[0]}]({name})\n" for name in sec.figures]
         parts += [sec.body.rstrip(), ""]
-    parts += ["## Protocol choices", "", _protocol(all_specs, suites.options_for(info, o)).rstrip(), ""]
+    parts += ["## Protocol choices", "", _protocol(all_specs, suites.options_for(info, o), overfit_threshold).rstrip(), ""]
     parts += ["## Environment", "", _environment(results).rstrip(), ""]
     parts += ["## Run status", "", status.rstrip(), ""]
     markdown = "\n".join(parts)

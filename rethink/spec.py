@@ -11,7 +11,9 @@ from rethink.corruptions import PIXEL_MODES, parse_labels
 from rethink.errors import UserError
 from rethink.models import DEFAULT_LR, MODELS
 
-SPEC_VERSION = 1
+# 2: weight decay acts on the kernels only, evaluation is float32, paper runs go to their cap (docs/protocol.md).
+# A spec of another version describes another protocol: it is refused, never trained by this code.
+SPEC_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class RunSpec:
     batch_size: int = 128
     epochs: int = 100  # the cap
     target_train_acc: float | None = None  # stop at the first epoch end with train accuracy >= this
-    loss_thresholds: tuple[float, ...] = (0.1,)  # record the first step with epoch train loss below each
+    loss_thresholds: tuple[float, ...] = (0.1, 0.01)  # record the first step with epoch train loss below each
     seed: int = 0  # initialization, data order, crops, dropout
     data_seed: int | None = None  # label and pixel corruption; None: same as seed
     dataset: str = "cifar10"  # "cifar10", or a synthetic set's identity (see data.dataset_identity)
@@ -42,6 +44,11 @@ class RunSpec:
 
     def __post_init__(self):
         self._check_types()
+        if self.version != SPEC_VERSION:
+            raise UserError(
+                f"bad run spec: version {self.version} is another protocol than this rethink's ({SPEC_VERSION}); "
+                "its runs cannot be trained or counted by this version (docs/protocol.md)"
+            )
         if self.model not in MODELS:
             raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
         parse_labels(self.labels)

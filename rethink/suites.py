@@ -16,10 +16,14 @@ from rethink.periodic import periodic, periodic_smoke
 from rethink.regularizers import regularizers
 from rethink.spec import RunSpec
 
-# Epoch caps per model [choice]: the paper trains "until convergence"; with the learning rate x0.95 per epoch,
-# after 100 epochs it is 0.6% of its start, so later epochs barely move the weights. Override with --epochs.
+# Epoch caps per model [choice]: the paper reports accuracies "after convergence"; with the learning rate x0.95
+# per epoch, after 100 epochs it is 0.6% of its start, so later epochs barely move the weights. Every run of a
+# paper suite trains to its cap; --stop-at-acc stops earlier, for little compute. Override with --epochs.
 EPOCH_CAPS = {m: 100 for m in MODELS}
-TARGET_ACC = 1.0  # time to overfit: the first epoch end with 100% training accuracy [choice]
+# Figure 1b's time to overfit [choice]: the first epoch end with training accuracy >= 99%, a level every run of
+# the paper's Table 1 reaches (AlexNet and MLP 1x512 on random labels end at 99.82% and 99.34%). Every result
+# records 90/95/99/100% (train.ACC_THRESHOLDS); `--overfit-threshold` draws the figure from another.
+OVERFIT_THRESHOLD = 0.99
 WEIGHT_DECAY = 5e-4  # when a run has weight decay on [choice: the paper does not state the coefficient]
 CORRUPTION_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 FIG1A_MODES = (("true", "none"), ("random", "none"), ("true", "shuffled"), ("true", "random"), ("true", "gaussian"))
@@ -60,16 +64,18 @@ class Options:
     train_subset: int | None = None
     test_subset: int | None = None
     smoke: bool = False  # apply the smoke sizing (SMOKE) to any suite, as the `smoke` suite does (--smoke)
+    target_acc: float | None = None  # stop each run at this training accuracy (--stop-at-acc); None: to the cap
 
     def cap(self, model: str) -> int:
         return self.epochs or self.caps.get(model) or EPOCH_CAPS[model]
 
 
 def _spec(o: Options, seed: int, tag: str, model: str, stop_at_target: bool = True, **kw) -> RunSpec:
+    """One run of a suite; it stops early only when the user asked for it (o.target_acc) and `stop_at_target`."""
     return RunSpec(
         model=model,
         epochs=o.cap(model),
-        target_train_acc=TARGET_ACC if stop_at_target else None,
+        target_train_acc=o.target_acc if stop_at_target else None,
         seed=seed,
         dataset=o.dataset,
         train_subset=o.train_subset,
@@ -79,8 +85,8 @@ def _spec(o: Options, seed: int, tag: str, model: str, stop_at_target: bool = Tr
     )
 
 
-# The core runs share one stopping rule (stop at 100% training accuracy, else at the cap), so that the same
-# configuration appearing in several figures is one run.
+# The core runs share one stopping rule (the cap, or the user's --stop-at-acc), so that the same configuration
+# appearing in several figures is one run: Figure 2b's runs are Table 1's Inception rows without regularizers.
 
 
 def fig1a(o: Options) -> list[RunSpec]:
@@ -116,15 +122,37 @@ def table1(o: Options) -> list[RunSpec]:
 
 
 def fig2b(o: Options) -> list[RunSpec]:
-    """Learning curves of Small Inception with and without BatchNorm, regularizers off, to the cap."""
+    """Learning curves of Small Inception with and without BatchNorm, regularizers off (Table 1's runs)."""
     return [
-        _spec(o, s, "fig2b", model, stop_at_target=False)
+        _spec(o, s, "fig2b", model)
         for s in range(o.seeds)
         for model in ("inception", "inception-nobn")
     ]
 
 
+# The quickstart [choice, measured in README.md]: MLP 1x512, the cheapest paper model, on the first QUICK_TRAIN
+# training images (all test images) for QUICK_EPOCHS epochs, with the paper's optimizer and schedule. Sized so
+# that random labels are fitted within minutes on a laptop CPU; not a paper suite (not in full).
+QUICK_MODEL = "mlp-1x512"
+QUICK_TRAIN = 10_000
+QUICK_EPOCHS = 30
+QUICK_MODES = (("true", "none"), ("random", "none"), ("partial:0.5", "none"), ("true", "shuffled"),
+               ("true", "gaussian"))  # fmt: skip
+
+
+def quickstart(o: Options) -> list[RunSpec]:
+    """MLP 1x512 on true, random and half-corrupted labels, shuffled pixels and gaussian inputs, small and short."""
+    return [
+        _spec(o, s, "quickstart", QUICK_MODEL, labels=labels, pixels=pixels).replace(
+            epochs=o.epochs or QUICK_EPOCHS, train_subset=o.train_subset or QUICK_TRAIN
+        )
+        for s in range(o.seeds)
+        for labels, pixels in QUICK_MODES
+    ]
+
+
 COMPONENTS: dict[str, Callable[[Options], list[RunSpec]]] = {
+    "quickstart": quickstart,
     "fig1a": fig1a,
     "fig1bc": fig1bc,
     "table1": table1,
@@ -150,6 +178,8 @@ SMOKE = dict(train_subset=256, test_subset=256, epochs=2)
 SUITES: dict[str, Suite] = {
     s.name: s
     for s in [
+        Suite("quickstart", "the paper's claim in minutes: MLP 1x512 fits random labels while its test accuracy "
+              "stays at chance (10k training images, 30 epochs)", ("quickstart",), in_full=False),
         Suite("fig1a", "Figure 1a: training loss of Small Inception under the five randomization tests", ("fig1a",)),
         Suite("fig1bc", "Figure 1b/c: time to overfit and test error against label corruption", ("fig1bc",)),
         Suite("table1", "Table 1: train/test accuracy with and without random crop and weight decay", ("table1",)),
@@ -183,7 +213,8 @@ def options_for(suite: Suite, o: Options) -> Options:
     if suite.smoke or o.smoke:
         return Options(dataset=o.dataset, seeds=o.seeds, epochs=o.epochs or SMOKE["epochs"], caps=o.caps,
                        train_subset=o.train_subset or SMOKE["train_subset"],
-                       test_subset=o.test_subset or SMOKE["test_subset"], smoke=True)  # fmt: skip
+                       test_subset=o.test_subset or SMOKE["test_subset"], smoke=True,
+                       target_acc=o.target_acc)  # fmt: skip
     return o
 
 

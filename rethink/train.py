@@ -7,6 +7,7 @@ order and crops can be recomputed on resume; the global RNG (dropout) is saved i
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -26,11 +27,14 @@ from rethink.corruptions import apply_pixels, corrupt_labels
 from rethink.cpu_linear import use_onednn_linears
 from rethink.data import Cifar10, preprocess, preprocess_all, random_offsets
 from rethink.errors import UserError
-from rethink.models import build_model
+from rethink.models import build_model, decayed_parameter_names
 from rethink.spec import RunSpec
 from rethink.store import Store, run_key
 
-CHECKPOINT_FORMAT = "rethink-checkpoint-1"
+CHECKPOINT_FORMAT = "rethink-checkpoint-2"  # 2: the optimizer has two groups (decayed weights, the rest)
+# Every result records the first step at which the epoch-end training accuracy reached each of these
+# (Figure 1b's time to overfit reads one of them; 99% by default, see suites.OVERFIT_THRESHOLD).
+ACC_THRESHOLDS = (0.9, 0.95, 0.99, 1.0)
 TIMING_FIELDS = ("epoch_seconds", "train_seconds", "eval_seconds", "images_per_second")
 
 
@@ -45,7 +49,7 @@ class ExecOptions:
     """How to execute a run (not what: that is the spec). None means the device's default."""
 
     device: str = "auto"
-    amp: bool | None = None  # bf16 autocast; default on for CUDA
+    amp: bool = False  # bf16 autocast of training steps (explicit: float32, TF32 on CUDA, until bf16 is validated)
     channels_last: bool | None = None  # default on for CUDA
     compile: bool = False
     onednn: bool | None = None  # fully connected layers through oneDNN; default on for the CPU (cpu_linear.py)
@@ -72,16 +76,59 @@ def environment(device: torch.device, opts: ExecOptions | None = None) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "rethink": rethink.__version__,
+        "git": git_revision(),
         "threads": torch.get_num_threads(),
     }
     if opts is not None:
-        env.update(amp=_amp(opts, device), channels_last=_channels_last(opts, device), compile=opts.compile,
-                   onednn_linear=_onednn(opts, device))  # fmt: skip
+        amp = _amp(opts, device)
+        env.update(amp=amp, precision=precision(amp, device), channels_last=_channels_last(opts, device),
+                   compile=opts.compile, onednn_linear=_onednn(opts, device))  # fmt: skip
     return env
 
 
+@functools.cache
+def git_revision() -> str:
+    """The code's revision: the commit of the checkout the package runs from ('+dirty' with local changes),
+    else $RETHINK_GIT_REVISION (set when an image is built), else 'unknown'."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5)  # fmt: skip
+        top = subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=5)  # fmt: skip
+        if rev.returncode == 0 and top.returncode == 0 and here.parent == Path(top.stdout.strip()).resolve():
+            dirty = subprocess.run(["git", "-C", str(here.parent), "status", "--porcelain", "--untracked-files=no",
+                                    "--", "rethink"], capture_output=True, text=True, timeout=5)  # fmt: skip
+            return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("RETHINK_GIT_REVISION", "unknown")
+
+
 def _amp(opts: ExecOptions, device: torch.device) -> bool:
-    return opts.amp if opts.amp is not None else device.type == "cuda"
+    return bool(opts.amp)
+
+
+def precision(amp: bool, device: torch.device) -> str:
+    """What training computed in; evaluation is float32 (TF32 on CUDA) whatever this says."""
+    if amp:
+        return "bf16 autocast (training steps), float32 evaluation"
+    return "float32 (TF32 matrix units allowed)" if device.type == "cuda" else "float32"
+
+
+def prepare_device(device: torch.device) -> None:
+    """Process-wide settings for computing on `device`: TF32 on CUDA, a warm heap on the CPU."""
+    if device.type == "cuda":
+        # TF32 keeps float32's range with a 10-bit mantissa in matrix units: the "float32" of this project's
+        # GPU runs (docs/protocol.md). bf16 autocast is an explicit option on top.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        keep_freed_memory()
 
 
 def _onednn(opts: ExecOptions, device: torch.device) -> bool:
@@ -142,8 +189,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, amp: bool, channels_last: bool):
-    """(summed loss, correct count) as device tensors: no host sync here."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, channels_last: bool):
+    """(summed loss, correct count) as device tensors: no host sync here.
+
+    Always float32 logits, whatever precision training uses: these accuracies decide the thresholds and fill
+    Table 1, so bf16 rounding must not move them.
+    """
     model.eval()
     loss = torch.zeros((), device=x.device, dtype=torch.float64)
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
@@ -151,7 +202,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, amp
         xb = x[i : i + batch]
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(x.device.type, enabled=False):
             out = model(xb)
         loss += F.cross_entropy(out.float(), y[i : i + batch], reduction="sum").double()
         correct += (out.argmax(dim=1) == y[i : i + batch]).sum()
@@ -292,15 +343,25 @@ def stop_reason(spec: RunSpec, rec: dict) -> str:
     return "cap"
 
 
-def summarize(spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data_description: str) -> dict:
-    """The result record: final and best accuracies, time to the target and to each loss threshold."""
+def first_reached(metrics: list[dict], threshold: float) -> dict | None:
+    """The first epoch record whose (epoch-end, whole training set) accuracy is >= threshold, else None."""
+    return next((m for m in metrics if m["train_acc"] >= threshold), None)
+
+
+def summarize(spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data: dict | str) -> dict:
+    """The result record: final and best accuracies, time to each accuracy and loss threshold, provenance."""
     last = metrics[-1]
     best = max(metrics, key=lambda m: m["test_acc"])
     target_step = target_epoch = None
     if spec.target_train_acc is not None:
-        hit = next((m for m in metrics if m["train_acc"] >= spec.target_train_acc), None)
+        hit = first_reached(metrics, spec.target_train_acc)
         if hit:
             target_step, target_epoch = hit["step"], hit["epoch"]
+    acc_steps, acc_epochs = {}, {}
+    for t in ACC_THRESHOLDS:
+        hit = first_reached(metrics, t)
+        acc_steps[f"{t:g}"] = hit["step"] if hit else None
+        acc_epochs[f"{t:g}"] = hit["epoch"] if hit else None
     thresholds = {}
     for t in spec.loss_thresholds:
         hit = next((m for m in metrics if m["train_loss"] < t), None)
@@ -320,11 +381,13 @@ def summarize(spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data_
         "target_train_acc": spec.target_train_acc,
         "target_step": target_step,
         "target_epoch": target_epoch,
+        "train_acc_steps": acc_steps,  # threshold -> first step with epoch-end train accuracy >= it
+        "train_acc_epochs": acc_epochs,
         "loss_threshold_steps": thresholds,
         "train_seconds": sum(m["train_seconds"] for m in metrics),
         "total_seconds": sum(m["epoch_seconds"] for m in metrics),
         "synthetic": spec.synthetic,
-        "data": data_description,
+        "data": data,
         "environment": env,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -398,12 +461,76 @@ def batch_inputs(dd: DeviceData, idx: torch.Tensor, offsets: torch.Tensor | None
     return x, dd.train_y[idx]
 
 
+class MomentumSGD:
+    """SGD with momentum and coupled weight decay on some parameters: torch.optim.SGD's update, op for op.
+
+    d = g + wd * w (decayed parameters only), buf = momentum * buf + d (buf = d at the first step),
+    w -= lr * buf; dampening 0, no Nesterov: the same foreach kernels in the same order as torch.optim.SGD
+    with foreach=True, so the numbers are bit-identical to it (a test compares them). Written out because
+    torch.optim imports torch._dynamo on first use (about a second per process, a third of a short run's
+    overhead), and so that packs (pack.PackedModel) and single runs share one definition of a step.
+    """
+
+    def __init__(self, named_params: list[tuple[str, torch.Tensor]], decayed: set[str], lr: float,
+                 momentum: float, weight_decay: float):  # fmt: skip
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.decayed = [i for i, n in enumerate(self.names) if n in decayed]
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buffers: list[torch.Tensor] | None = None  # created at the first step (never with momentum 0)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads = [p.grad for p in self.params]
+        if self.weight_decay != 0 and self.decayed:
+            decayed = torch._foreach_add([grads[i] for i in self.decayed], [self.params[i] for i in self.decayed],
+                                         alpha=self.weight_decay)  # fmt: skip
+            for i, g in zip(self.decayed, decayed):
+                grads[i] = g
+        if self.momentum != 0:
+            if self.buffers is None:
+                self.buffers = [torch.clone(g).detach() for g in grads]
+            else:
+                torch._foreach_mul_(self.buffers, self.momentum)
+                torch._foreach_add_(self.buffers, grads, alpha=1)
+            grads = self.buffers
+        torch._foreach_add_(self.params, grads, alpha=-self.lr)
+
+    def state_dict(self) -> dict:
+        """The checkpoint's optimizer entry: momentum buffers by parameter name (none before the first step)."""
+        return {"momentum_buffers": {} if self.buffers is None else dict(zip(self.names, self.buffers))}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take over a checkpoint's buffers; ValueError when they do not fit these parameters."""
+        bufs = state["momentum_buffers"]
+        if not bufs:
+            self.buffers = None
+            return
+        if list(bufs) != self.names or any(b.shape != p.shape for b, p in zip(bufs.values(), self.params)):
+            raise ValueError("momentum buffers that do not fit the model")
+        self.buffers = [b.to(device=p.device, dtype=p.dtype).clone() for b, p in zip(bufs.values(), self.params)]
+
+
+def make_sgd(model: nn.Module, spec: RunSpec, device: torch.device | None = None) -> MomentumSGD:
+    """The run's optimizer: SGD with momentum; weight decay (coupled) on the kernels only.
+
+    The decayed parameters are models.decayed_parameter_names: kernels of convolutional and linear layers,
+    not biases or BatchNorm offsets.
+    """
+    return MomentumSGD(list(model.named_parameters()), set(decayed_parameter_names(model)), spec.lr, spec.momentum,
+                       spec.weight_decay)  # fmt: skip
+
+
 def sgd_step(model, optimizer, x, y, amp: bool, tracked: list | None = None):
     """One SGD step; returns the batch loss and (with `tracked` weights) their squared gradient norm, on device."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model(x)
     loss = F.cross_entropy(out.float(), y)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     loss.backward()
     grad_sq = sum(w.grad.double().pow(2).sum() for w in tracked) if tracked else None
     optimizer.step()
@@ -447,8 +574,7 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
     device = resolve_device(opts.device)
     amp, channels_last = _amp(opts, device), _channels_last(opts, device)
     env = environment(device, opts)
-    if device.type == "cpu":
-        keep_freed_memory()
+    prepare_device(device)
 
     spec_key = run_key(run_id, "spec.json")
     if not store.exists(spec_key):
@@ -465,14 +591,7 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
             use_onednn_linears(model)
         if use_cl:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=spec.lr,
-            momentum=spec.momentum,
-            weight_decay=spec.weight_decay,
-            **({"fused": True} if device.type == "cuda" else {"foreach": True}),
-        )
-        return model, optimizer
+        return model, make_sgd(model, spec, device)
 
     n = dd.n_train
     bs = spec.batch_size
@@ -552,8 +671,7 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
 
     while epoch < spec.epochs:
         lr = spec.lr * spec.lr_decay**epoch
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizer.lr = lr
         g = torch.Generator(device=device)
         g.manual_seed(epoch_seed(spec.seed, epoch))
         perm = torch.randperm(n, generator=g, device=device)
@@ -579,8 +697,8 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
             torch.cuda.synchronize(device)
         t_train = time.perf_counter() - t0 + elapsed_in_epoch
         batches_run = n_batches
-        tl, tc = evaluate(compiled, dd.train_pre, dd.train_y, eval_batch, amp, use_cl)
-        vl, vc = evaluate(compiled, dd.test_pre, dd.test_y, eval_batch, amp, use_cl)
+        tl, tc = evaluate(compiled, dd.train_pre, dd.train_y, eval_batch, use_cl)
+        vl, vc = evaluate(compiled, dd.test_pre, dd.test_y, eval_batch, use_cl)
         extra = []
         if tracked:
             wsq = sum(w.detach().double().pow(2).sum() for w in tracked)
@@ -601,7 +719,7 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
             break
         save(0, 0.0)
 
-    result = summarize(spec, metrics, stopped, env, data.description)
+    result = summarize(spec, metrics, stopped, env, data.provenance())
     store.write_text(run_key(run_id, "result.json"), json.dumps(result, indent=2) + "\n")
     store.delete(run_key(run_id, "error.json"))
     log(f"run {run_id} finished ({stopped}): train acc {result['final_train_acc']:.4f}, "

@@ -64,7 +64,11 @@ def _textbook_losses(spec: RunSpec, data) -> list[float]:
     """A plain loop: model, SGD, the epoch_seed data order and crops, the paper's preprocessing per batch."""
     torch.manual_seed(spec.seed)
     model = build_model(spec.model)
-    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    kernels = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    others = [p for p in model.parameters() if all(p is not k for k in kernels)]
+    assert kernels and others  # the MLP has biases: weight decay must leave them alone
+    opt = torch.optim.SGD([{"params": kernels, "weight_decay": spec.weight_decay}, {"params": others}], lr=spec.lr,
+                          momentum=spec.momentum)  # fmt: skip
     images, labels = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
     n, bs = len(labels), spec.batch_size
     losses = []

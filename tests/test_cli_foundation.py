@@ -215,3 +215,23 @@ def test_zero_epochs_is_refused_not_replaced_by_the_default(synth_dir, tmp_path,
     assert main(argv) == 2
     assert "epochs must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["train", "--model", "resnet9000"], ["invalid choice: 'resnet9000'", "rethink train --help"]),
+        (["train", "--model", "mlp-1x512", "--pixels", "blurry"], ["invalid choice: 'blurry'", "rethink train --help"]),
+        (["run", "--suite", "table1", "--stop-at-acc", "1.5"], ["(0, 1]", "rethink run --help"]),
+        (["aggregate", "--suite", "fig1bc", "--overfit-threshold", "x"], ["'x'", "rethink aggregate --help"]),
+    ],
+)
+def test_a_bad_choice_is_the_error_and_where_to_look(argv, words, capsys):
+    """No usage block: the error, then one line saying which --help to read; exit code 2."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "usage:" not in err, err
+    assert all(w in err for w in words), err

@@ -203,7 +203,10 @@ def test_batchnorm_statistics_and_updates_stay_per_run(monkeypatch):
     for _ in range(3):
         losses, _ = pm.train_step(x, y, lr=0.1, momentum=0.9, weight_decay=wd, amp=False)
     for k, m in enumerate(models):
-        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=float(wd[k]))
+        kernels = [c.weight for c in m.modules() if isinstance(c, (torch.nn.Linear, torch.nn.Conv2d))]
+        others = [p for p in m.parameters() if all(p is not c for c in kernels)]  # offsets and biases: no decay
+        opt = torch.optim.SGD([{"params": kernels, "weight_decay": float(wd[k])}, {"params": others}], lr=0.1,
+                              momentum=0.9)  # fmt: skip
         m.train()
         for _ in range(3):
             loss = torch.nn.functional.cross_entropy(m(x[k]), y[k])

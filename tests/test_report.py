@@ -253,3 +253,26 @@ def test_a_new_section_plugs_in(tmp_path, monkeypatch):
     html = read(store, "fig2b", "report.html")
     assert "<h2>A custom section</h2>" in html and "<code>code</code>" in html
     assert html.count("data:image/png;base64,") == 1
+
+
+def test_quickstart_report_shows_random_labels_fitted(tmp_path):
+    """The quickstart's report: its first figure and a table of the five modes, with their final accuracies."""
+    store = LocalStore(tmp_path)
+    o = suites.Options(dataset=SYNTH)
+    specs = suites.expand("quickstart", o)
+    assert [(s.model, s.labels, s.pixels) for s in specs] == [
+        ("mlp-1x512", "true", "none"), ("mlp-1x512", "random", "none"), ("mlp-1x512", "partial:0.5", "none"),
+        ("mlp-1x512", "true", "shuffled"), ("mlp-1x512", "true", "gaussian"),
+    ]  # fmt: skip
+    assert {(s.train_subset, s.epochs, s.target_train_acc) for s in specs} == {(10_000, 30, None)}
+    fill(store, "quickstart", o)
+    keys, _ = aggregate(store, "quickstart", o)
+    md = read(store, "quickstart", "report.md")
+    first_figure = re.search(r"!\[(\w+)\]", md).group(1)
+    assert first_figure == "quickstart"
+    rows = {r["mode"]: r for r in csv.DictReader(io.StringIO(read(store, "quickstart", "quickstart.csv")))}
+    assert set(rows) == {"true labels", "random labels", "labels corrupted with p = 0.5", "shuffled pixels",
+                         "gaussian"}  # fmt: skip
+    # fabricate(): test accuracy 0.40 - 0.3 p at the last epoch: 10% for random labels, 25% at p = 0.5.
+    assert "| random labels | 1 of 1 | 60.00 | 10.00 |" in md
+    assert "| labels corrupted with p = 0.5 | 1 of 1 | 100.00 | 25.00 |" in md

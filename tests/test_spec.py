@@ -47,7 +47,7 @@ def test_id_ignores_how_the_spec_was_written():
         {"model": "mlp-3x512"}, {"labels": "partial:0.5"}, {"labels": "random"}, {"pixels": "shuffled"},
         {"weight_decay": 5e-4}, {"random_crop": True}, {"dropout": 0.3}, {"lr": 0.02}, {"momentum": 0.8},
         {"lr_decay": 1.0}, {"batch_size": 64}, {"epochs": 13}, {"target_train_acc": 1.0},
-        {"loss_thresholds": (0.1, 0.01)}, {"seed": 4}, {"data_seed": 4}, {"dataset": "cifar10"},
+        {"loss_thresholds": (0.1,)}, {"seed": 4}, {"data_seed": 4}, {"dataset": "cifar10"},
         {"train_subset": 100}, {"test_subset": 100}, {"track_norms": True},
     ],
 )  # fmt: skip
