@@ -157,7 +157,15 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
     """Steady-state rates of the unpacked trainer's step and evaluation (the body of train.train_run's loop)."""
     from rethink.cpu_linear import use_onednn_linears
     from rethink.data import random_offsets
-    from rethink.train import batch_inputs, epoch_seed, evaluate, make_sgd, prepare_data, prepare_device, sgd_step
+    from rethink.train import (
+        batch_inputs,
+        epoch_seed,
+        evaluate,
+        make_sgd,
+        prepare_data,
+        prepare_device,
+        sgd_step,
+    )
 
     prepare_device(device)  # as train_run does
     dd = prepare_data(spec, data, device)

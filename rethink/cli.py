@@ -180,7 +180,7 @@ def cmd_train(args) -> int:
     if args.suite is not None or args.index is not None:
         if args.suite is None or args.index is None:
             raise UserError("--suite and --index go together: rethink train --suite S --index I")
-        specs = suite_specs(args)
+        specs = suite_specs(args, selected=False)  # the index is into the whole suite, as pods count
         if not 0 <= args.index < len(specs):
             raise UserError(f"--index {args.index} is out of range: suite {args.suite} has {len(specs)} runs")
         spec = specs[args.index]
@@ -207,7 +207,7 @@ def _train_pack(args) -> int:
     if args.suite is None or args.pack_index is None or args.index is not None:
         raise UserError("--pack goes with --suite S --pack-index J (not --index): rethink train --suite S --pack K "
                         "--pack-index J; see rethink plan --suite S --pack K")  # fmt: skip
-    pack = suite_pack(suite_specs(args), args.pack, args.pack_index)
+    pack = suite_pack(suite_specs(args, selected=False), args.pack, args.pack_index)
     store = open_store(args.store)
     todo = [s for s in pack if read_result(store, s.run_id) is None]
     print(f"pack {args.pack_index}: {len(pack)} {pack[0].model} runs, {len(pack) - len(todo)} already finished -> "
@@ -217,7 +217,7 @@ def _train_pack(args) -> int:
     return 0
 
 
-def add_suite_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+def add_suite_options(p: argparse.ArgumentParser, required: bool = True, selectable: bool = True) -> None:
     p.add_argument("--suite", required=required, default=None, help="suite name (see rethink suites)")
     p.add_argument("--seeds", type=int, default=1, help="repeat the suite over this many seeds (0..K-1)")
     p.add_argument("--epochs", type=int, default=None,
@@ -229,6 +229,15 @@ def add_suite_options(p: argparse.ArgumentParser, required: bool = True) -> None
                    help="stop each run at the first epoch end with training accuracy >= ACC (e.g. 1.0), for little "
                         "compute: other runs than the paper's (their accuracies are not after convergence); "
                         "default: every run trains to its epoch cap")  # fmt: skip
+    if selectable:
+        p.add_argument("--models", default=None, metavar="M[,M...]",
+                       help="only the runs of these models, e.g. mlp-1x512,mlp-3x512 (the MLP part of a suite, for a "
+                            "CPU); default: all models")  # fmt: skip
+        p.add_argument("--labels", dest="select_labels", default=None, metavar="L[,L...]",
+                       help="only runs with these label modes: true, random, partial (any p) or partial:P; "
+                            "default: all")  # fmt: skip
+        p.add_argument("--pixels", dest="select_pixels", default=None, metavar="P[,P...]",
+                       help="only runs with these pixel modes: none, shuffled, random, gaussian; default: all")
 
 
 def _fraction(text: str) -> float:
@@ -254,10 +263,24 @@ def suite_options(args):
                    target_acc=getattr(args, "stop_at_acc", None))  # fmt: skip
 
 
-def suite_specs(args):
-    from rethink.suites import expand
+def selection_of(args):
+    """The part of the suite --models/--labels/--pixels select (None: all of it)."""
+    from rethink.suites import Selection
 
-    return expand(args.suite, suite_options(args))
+    def values(name):
+        text = getattr(args, name, None)
+        return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
+
+    s = Selection(models=values("models"), labels=values("select_labels"), pixels=values("select_pixels"))
+    return None if s.everything else s
+
+
+def suite_specs(args, selected: bool = True):
+    """The suite's runs; with `selected`, only those --models/--labels/--pixels select."""
+    from rethink.suites import expand, select
+
+    specs = expand(args.suite, suite_options(args))
+    return select(specs, selection_of(args)) if selected else specs
 
 
 def cmd_suites(args) -> int:
@@ -277,18 +300,24 @@ def cmd_suites(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    specs = suite_specs(args)
+    everything = suite_specs(args, selected=False)
+    selection = selection_of(args)
     if args.pack is not None:
-        return _plan_packs(args, specs)
+        if selection is not None:
+            raise UserError("plan --pack lists the packs pods train, of the whole suite: drop --models/--labels/"
+                            "--pixels (rethink run --pack K takes them)")  # fmt: skip
+        return _plan_packs(args, everything)
+    # Indices stay those of the whole suite: `rethink train --suite S --index I` trains row I.
+    rows = [(i, s) for i, s in enumerate(everything) if selection is None or s in selection]
     if args.json:
-        rows = [{"index": i, "run_id": s.run_id, "model": s.model, "labels": s.labels, "pixels": s.pixels,
-                 "tags": list(s.tags), "spec": s.to_dict()} for i, s in enumerate(specs)]  # fmt: skip
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([{"index": i, "run_id": s.run_id, "model": s.model, "labels": s.labels,
+                           "pixels": s.pixels, "tags": list(s.tags), "spec": s.to_dict()} for i, s in rows],
+                         indent=2))  # fmt: skip
         return 0
     print(f"{'#':>4}  {'run id':<12}  {'tags':<26} run")
-    for i, s in enumerate(specs):
+    for i, s in rows:
         print(f"{i:>4}  {s.run_id:<12}  {','.join(s.tags)[:26]:<26} {s.label()} (<= {s.epochs} epochs)")
-    print(f"{len(specs)} runs")
+    print(f"{len(rows)} runs" + ("" if selection is None else f" of {len(everything)} ({selection.describe()})"))
     return 0
 
 
@@ -344,7 +373,6 @@ def cmd_run(args) -> int:
 def _aggregate(args) -> None:
     from rethink.report import aggregate
     from rethink.store import open_store
-
     from rethink.suites import OVERFIT_THRESHOLD
 
     threshold = getattr(args, "overfit_threshold", None) or OVERFIT_THRESHOLD

@@ -250,6 +250,47 @@ EPOCH_SECONDS = {
 }
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Part of a suite: only runs of these models, label modes and pixel modes (None: all). Run ids do not change:
+    a selected run is the same run as in the whole suite."""
+
+    models: tuple[str, ...] | None = None
+    labels: tuple[str, ...] | None = None  # true, random, partial (any p) or partial:P
+    pixels: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        from rethink.corruptions import PIXEL_MODES
+
+        for name, allowed in (("models", MODELS), ("pixels", PIXEL_MODES)):
+            bad = [v for v in getattr(self, name) or () if v not in allowed]
+            if bad:
+                raise UserError(f"--{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+        for v in self.labels or ():
+            if v not in ("true", "random", "partial") and not v.startswith("partial:"):
+                raise UserError(f"--labels: unknown {v!r}; use true, random, partial or partial:P")
+
+    @property
+    def everything(self) -> bool:
+        return self.models is None and self.labels is None and self.pixels is None
+
+    def __contains__(self, spec: RunSpec) -> bool:
+        labels_ok = self.labels is None or spec.labels in self.labels or (
+            "partial" in self.labels and spec.labels.startswith("partial:"))  # fmt: skip
+        return ((self.models is None or spec.model in self.models) and labels_ok
+                and (self.pixels is None or spec.pixels in self.pixels))  # fmt: skip
+
+    def describe(self) -> str:
+        parts = [f"--{k} {','.join(v)}" for k, v in (("models", self.models), ("labels", self.labels),
+                                                        ("pixels", self.pixels)) if v is not None]  # fmt: skip
+        return " ".join(parts) or "everything"
+
+
+def select(specs: list[RunSpec], selection: Selection | None) -> list[RunSpec]:
+    """The specs in `selection`, in their order."""
+    return specs if selection is None or selection.everything else [s for s in specs if s in selection]
+
+
 def estimate_seconds(specs: list[RunSpec], kind: str = "gpu") -> float:
     """Upper bound of the wall time: every run to its cap, scaled by its subset size."""
     table = EPOCH_SECONDS[kind]
