@@ -161,12 +161,14 @@ class S3Store(Store):
 
     A PUT is atomic in S3: the object appears complete or not at all. Transient errors are retried with
     exponential backoff for up to `retry_seconds` (RETHINK_S3_RETRY_SECONDS, default 120), then reported.
+    `clock` and `sleep` measure and wait out that budget (tests pass their own to count retries).
     """
 
     _CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
     _RETRIED_STATUS = {408, 429}  # and every 5xx
 
-    def __init__(self, url: str, retry_seconds: float | None = None, log=None):
+    def __init__(self, url: str, retry_seconds: float | None = None, log=None, clock=time.monotonic,
+                 sleep=time.sleep):  # fmt: skip
         import boto3
         from botocore.config import Config
 
@@ -184,6 +186,7 @@ class S3Store(Store):
                 raise UserError(f"RETHINK_S3_RETRY_SECONDS={raw!r} is not a number of seconds") from None
         self.retry_seconds = max(0.0, retry_seconds)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.clock, self.sleep = clock, sleep
         # All retrying happens in _call (one policy, with a deadline); botocore makes one attempt. A hung server
         # must not hold an attempt for a large part of the budget, hence timeouts well inside it.
         config = Config(
@@ -205,7 +208,7 @@ class S3Store(Store):
         """fn(*args, **kwargs), retried on transient errors; a missing key is re-raised as ClientError."""
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-        start = time.monotonic()
+        start = self.clock()
         delay = 0.2
         warned = False
         while True:
@@ -239,7 +242,7 @@ class S3Store(Store):
                 err = f"{code or status}"
             except (BotoCoreError, OSError) as e:
                 err = f"{type(e).__name__}: {e}"
-            elapsed = time.monotonic() - start
+            elapsed = self.clock() - start
             if elapsed >= self.retry_seconds:
                 raise StoreError(
                     f"S3 at {self.endpoint} unreachable for {what} on {self.url}: gave up after {elapsed:.0f}s "
@@ -251,7 +254,7 @@ class S3Store(Store):
                          f"{self.retry_seconds:.0f}s")  # fmt: skip
                 warned = True
             # One last try right at the deadline, rather than giving up early.
-            time.sleep(min(delay * (0.5 + random.random()), self.retry_seconds - elapsed))
+            self.sleep(min(delay * (0.5 + random.random()), self.retry_seconds - elapsed))
             delay = min(delay * 2, 10.0)
 
     def read_bytes(self, key):

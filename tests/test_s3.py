@@ -1,7 +1,9 @@
 """The S3 backend against a real S3 server on 127.0.0.1 (SeaweedFS `weed mini`, started by conftest).
 
 Credentials, retries through a transient outage, a clear error after a lasting one (with a good checkpoint left
-behind), all-or-nothing PUTs, and the trainer keeping a whole run in s3://bucket/prefix.
+behind), all-or-nothing PUTs, and the trainer keeping a whole run in s3://bucket/prefix. Each fault test first
+asserts that its fault happened where intended (a refused request, a retry warning, the checkpoint's position);
+retries are counted through the store's injected clock and sleep, never timed.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import io
 import json
 import socket
 import subprocess
-import threading
+import sys
 import time
 from urllib.parse import urlparse
 
@@ -23,6 +25,33 @@ from rethink.store import S3Store, StoreError, open_store, run_key
 from rethink.train import read_metrics
 
 ARGS = ["--model", "mlp-1x512", "--batch-size", "32", "--epochs", "3", "--device", "cpu"]
+
+
+class Waits:
+    """An S3Store's clock and sleep for a test: time passes only by the waits the store asks for, recorded, not slept.
+
+    Retries are then counted, not timed: the store's whole retry budget passes in no time, and how often it
+    waited (and for how long, by its own clock) is exact.
+    """
+
+    def __init__(self):
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return sum(self.slept)
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+    def store(self, url: str, retry_seconds: float | None = None, log=None) -> S3Store:
+        return S3Store(url, retry_seconds=retry_seconds, log=log, clock=self.clock, sleep=self.sleep)
+
+
+def _requests(store: S3Store) -> list[str]:
+    """The HTTP requests `store` sends from now on (one per attempt: botocore itself never retries here)."""
+    sent: list[str] = []
+    store.client.meta.events.register("before-send", lambda request, **kw: sent.append(request.method))
+    return sent
 
 
 def _one_error_line(err: str) -> str:
@@ -38,14 +67,16 @@ def _one_error_line(err: str) -> str:
 @pytest.mark.parametrize("variable", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
 def test_wrong_credentials_fail_fast_and_say_so(variable, s3_env, s3_url, monkeypatch):
     monkeypatch.setenv(variable, "wrong")
-    store = open_store(s3_url)
-    start = time.monotonic()
+    waits, logged = Waits(), []
+    store = waits.store(s3_url, retry_seconds=60, log=logged.append)
+    sent = _requests(store)
     with pytest.raises(StoreError, match="credentials") as e:
         store.write_text("runs/x/spec.json", "{}")
-    assert time.monotonic() - start < 5  # refused, not retried for minutes
     assert "AWS_SECRET_ACCESS_KEY" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(StoreError, match="credentials"):
         store.read_bytes("runs/x/spec.json")
+    # The server did refuse (one request each), and a refusal is final: no wait, no second attempt, no warning.
+    assert sent == ["PUT", "GET"] and waits.slept == [] and logged == []
 
 
 def test_cli_with_wrong_credentials_is_one_line_and_exit_3(
@@ -67,14 +98,21 @@ def test_unreachable_endpoint_is_retried_then_reported(s3_env, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    logged: list[str] = []
-    store = S3Store("s3://rethink-test/x", retry_seconds=1.5, log=logged.append)
-    start = time.monotonic()
+    waits, logged = Waits(), []
+    store = waits.store("s3://rethink-test/x", retry_seconds=30, log=logged.append)
+    sent = _requests(store)
     with pytest.raises(StoreError, match="unreachable") as e:
         store.write_bytes("runs/a/checkpoint.pt", b"x")
-    assert 1.0 <= time.monotonic() - start < 15
     assert "rerun to resume" in str(e.value) and f":{port}" in str(e.value)
-    assert len(logged) == 1 and "retrying" in logged[0]
+    assert "gave up after 30s" in str(e.value)
+    # Every attempt failed, each wait was followed by another attempt, and the last one came at the deadline.
+    assert len(sent) == len(waits.slept) + 1 and set(sent) == {"PUT"}
+    assert sum(waits.slept) == pytest.approx(30)
+    # Exponential backoff with jitter: 0.2 s doubling up to 10 s, each drawn from half to one and a half times.
+    for i, wait in enumerate(waits.slept[:-1]):
+        assert 0.5 * min(0.2 * 2**i, 10) <= wait <= 1.5 * min(0.2 * 2**i, 10), (i, waits.slept)
+    assert len(sent) >= 6
+    assert len(logged) == 1 and "retrying for up to 30s" in logged[0]  # one warning, however many retries
 
 
 # ---------------------------------------------------------------------------------------------- outages
@@ -82,32 +120,40 @@ def test_unreachable_endpoint_is_retried_then_reported(s3_env, monkeypatch):
 
 def test_a_transient_outage_is_ridden_out(s3_env, s3_url):
     logged: list[str] = []
-    store = S3Store(s3_url, retry_seconds=60, log=logged.append)
+
+    def log(msg: str) -> None:  # the first retry's warning: the outage has been seen, so it ends now
+        logged.append(msg)
+        s3_env.resume()
+
+    waits = Waits()
+    # retry_seconds 6: each attempt times out after 1 s (a frozen server accepts connections, then is silent).
+    store = waits.store(s3_url, retry_seconds=6, log=log)
     store.write_bytes("runs/a/metrics.jsonl", b"before\n")
+    sent = _requests(store)
     s3_env.pause()
-    start = time.monotonic()
-    resumer = threading.Timer(3.0, s3_env.resume)
     try:
-        resumer.start()
         store.write_bytes("runs/a/metrics.jsonl", b"after\n")  # waits (and retries) through the outage
     finally:
-        resumer.join()
         s3_env.resume()
-    assert time.monotonic() - start >= 2.9
+    assert len(logged) == 1 and "retrying" in logged[0] and "PUT runs/a/metrics.jsonl" in logged[0]
+    assert len(sent) == len(waits.slept) + 1 >= 2  # the first attempt failed; a retry got through
     assert store.read_bytes("runs/a/metrics.jsonl") == b"after\n"
-    assert len(logged) <= 1  # at most one warning per operation, however many retries
 
 
-def _interrupted_put(url: str, declared: int, sent: bytes) -> None:
-    """Send a PUT that promises `declared` bytes, deliver only `sent`, and drop the connection."""
+def _raw_put(url: str, body: bytes, declared: int, wait: float) -> bytes:
+    """PUT `body` to a presigned URL, promising `declared` bytes; what the server answered within `wait` seconds,
+    then hang up."""
     u = urlparse(url)
     head = (
-        f"PUT {u.path}?{u.query} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Length: {declared}\r\n"
-        "Content-Type: application/octet-stream\r\n\r\n"
-    )
+        f"PUT {u.path}?{u.query} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Length: {declared}\r\n\r\n"
+    )  # no Content-Type: the URL was signed without one, and the signature covers that header
     with socket.create_connection((u.hostname, u.port), timeout=5) as s:
-        s.sendall(head.encode() + sent)
-        time.sleep(0.3)
+        s.sendall(head.encode() + body)
+        s.settimeout(wait)
+        try:
+            return s.recv(4096)
+        except TimeoutError:
+            return b""
 
 
 def test_a_put_is_all_or_nothing(s3_env, s3_url):
@@ -115,14 +161,21 @@ def test_a_put_is_all_or_nothing(s3_env, s3_url):
     old, new = b"o" * 200_000, b"n" * 200_000
     store.write_bytes("runs/a/checkpoint.pt", old)
     client = s3_env.client()
-    for key, before in (("runs/a/checkpoint.pt", old), ("runs/a/fresh.pt", None)):
-        url = client.generate_presigned_url(
+
+    def presigned(key: str) -> str:
+        return client.generate_presigned_url(
             "put_object", Params={"Bucket": store.bucket, "Key": store._key(key)}, ExpiresIn=60
         )
-        _interrupted_put(url, len(new), new[: len(new) // 2])
-        time.sleep(0.3)
+
+    # The same request, whole, is accepted: what follows fails only because its body is cut.
+    assert _raw_put(presigned("runs/a/whole.pt"), new, len(new), wait=5).startswith(b"HTTP/1.1 200")
+    assert store.read_bytes("runs/a/whole.pt") == new
+    for key, before in (("runs/a/checkpoint.pt", old), ("runs/a/fresh.pt", None)):
+        # Half the body, then the connection drops: the server was still waiting for the rest (no answer yet).
+        assert _raw_put(presigned(key), new[: len(new) // 2], len(new), wait=0.5) == b""
+        time.sleep(0.3)  # let the server notice the dropped connection (and get the chance to do it wrong)
         assert store.read_bytes(key) == before
-    assert store.list("runs/a") == ["runs/a/checkpoint.pt"]
+    assert store.list("runs/a") == ["runs/a/checkpoint.pt", "runs/a/whole.pt"]
 
 
 # ---------------------------------------------------------------------------------------------- the trainer on S3
@@ -171,42 +224,53 @@ def _get(server, key: str) -> str:
     return server.client().get_object(Bucket=server.bucket, Key=key)["Body"].read().decode()
 
 
+# A `rethink train` that freezes the S3 server (SIGSTOP to its pid) right after writing epoch 1's checkpoint.
+_FREEZE_AFTER_EPOCH_1 = """
+import os, signal, sys
+import rethink.train as train
+from rethink.cli import main
+
+server_pid, argv = int(sys.argv[1]), sys.argv[2:]
+save = train._save_checkpoint
+
+def save_then_freeze(store, run_id, state, rotate=True):
+    save(store, run_id, state, rotate)
+    if (state["epoch"], state["batch"]) == (1, 0):
+        print("test: epoch 1's checkpoint is written; freezing S3", flush=True)
+        os.kill(server_pid, signal.SIGSTOP)
+
+train._save_checkpoint = save_then_freeze
+sys.exit(main(argv))
+"""
+
+
 def test_lasting_outage_mid_run_is_a_clear_error_and_leaves_a_good_checkpoint(
     s3_env, s3_url, rethink_cmd, one_thread_env, train_data_dir, local_reference, without_timing
 ):
     s3_server = s3_env
     env = {**one_thread_env, **s3_server.env, "RETHINK_S3_RETRY_SECONDS": "3"}
-    cmd = [*rethink_cmd, "train", *ARGS, "--data-dir", str(train_data_dir), "--store", s3_url,
-           "--checkpoint-minutes", "0.003"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    args = ["train", *ARGS, "--data-dir", str(train_data_dir), "--store", s3_url]
+    cmd = [sys.executable, "-c", _FREEZE_AFTER_EPOCH_1, str(s3_server.proc.pid), *args]
     try:
-        for line in proc.stdout:
-            # Epoch 1's checkpoint is in S3; epoch 2's metrics and checkpoint are being written right now.
-            if " epoch 2/" in line:
-                break
-        s3_server.pause()
-        start = time.monotonic()
-        out, err = proc.communicate(timeout=120)
-        gave_up = time.monotonic() - start
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     finally:
         s3_server.resume()
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 3, err
-    line = _one_error_line(err)
+    # The outage began where intended (after epoch 1's checkpoint), and the run retried before giving up.
+    assert "freezing S3" in out.stdout and " epoch 1/3" in out.stdout, out.stdout
+    assert "retrying for up to 3s" in out.stderr, out.stderr
+    assert out.returncode == 3, out.stderr
+    line = _one_error_line(out.stderr)
     assert "unreachable" in line and "rerun to resume" in line and s3_server.endpoint in line
-    assert "retrying" in err, err  # it did retry before giving up
-    assert gave_up < 60
 
-    # What the outage left behind is a whole, loadable checkpoint of this run.
+    # What the outage left behind is epoch 1's whole, loadable checkpoint of this run.
     store = S3Store(s3_url, retry_seconds=30)
     spec = RunSpec.from_json(next(store.read_text(k) for k in store.list("runs") if k.endswith("spec.json")))
     blob = store.read_bytes(run_key(spec.run_id, "checkpoint.pt"))
     ckpt = torch.load(io.BytesIO(blob), weights_only=True)
-    assert ckpt["run_id"] == spec.run_id and ckpt["epoch"] >= 1
+    assert (ckpt["run_id"], ckpt["epoch"], ckpt["batch"]) == (spec.run_id, 1, 0)
 
     env["RETHINK_S3_RETRY_SECONDS"] = "60"  # the server may need a moment after its pause
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    rerun = subprocess.run([*rethink_cmd, *args], capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert "resuming at epoch" in rerun.stdout and "ignoring unusable" not in rerun.stdout
+    assert "resuming at epoch 2, batch 0" in rerun.stdout and "ignoring unusable" not in rerun.stdout
     assert without_timing(read_metrics(store, spec.run_id)) == without_timing(local_reference)
