@@ -354,13 +354,84 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    """'16M', '16MiB', '500k', '1G' or a number of bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:i?B)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size like 16M or 500k, got {text!r}")
+    return int(float(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[m.group(2).lower()])
+
+
+def cmd_export(args) -> int:
+    from rethink.records import export, finished_run_ids
+    from rethink.store import open_store
+
+    store = open_store(args.store)
+    partial = []
+    if args.suite is None:
+        if selection_of(args) is not None:
+            raise UserError("--models/--labels/--pixels select part of a suite: give --suite S too")
+        ids = finished_run_ids(store)
+    else:
+        from rethink.runner import run_state
+
+        specs = suite_specs(args)
+        states = {s.run_id: run_state(store, s)[0] for s in specs}
+        ids = [s.run_id for s in specs if states[s.run_id] == "finished"]
+        partial = [s.run_id for s in specs if states[s.run_id] == "partial"] if args.partial_checkpoints else []
+    if args.exclude_store:
+        from rethink.records import finished_run_ids as done
+
+        already = set(done(open_store(args.exclude_store)))
+        ids = [i for i in ids if i not in already]
+    export(store, args.out, ids, partial, max_bytes=args.max_size)
+    return 0
+
+
+def cmd_import(args) -> int:
+    from rethink.records import import_archive
+    from rethink.store import open_store
+
+    import_archive(args.archive, open_store(args.store), with_checkpoints=args.with_checkpoints)
+    return 0
+
+
+def duration(text: str) -> float:
+    """Seconds in '90s', '9m', '1h30m', '2h', '1.5h'."""
+    import re
+
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text.strip().lower())
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([hms])", "", text.strip().lower()).strip():
+        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 9m or 1h30m, got {text!r}")
+    seconds = sum(float(v) * {"h": 3600, "m": 60, "s": 1}[u] for v, u in parts)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"the time budget must be positive, got {text!r}")
+    return seconds
+
+
 def cmd_run(args) -> int:
+    import time
+
     from rethink.runner import DataSource, run_specs
 
+    opts = exec_options(args)
+    if args.time_budget is not None:
+        opts.deadline = opts.clock() + args.time_budget  # counted from the command's start
     specs = suite_specs(args)
     source = DataSource(str(data_dir_of(args)), verify=not args.no_verify_data)
-    failures = run_specs(specs, args.store, source, exec_options(args), jobs=args.jobs, pack=args.pack)
-    if not args.no_aggregate:
+    t0 = time.monotonic()
+    outcome = run_specs(specs, args.store, source, opts, jobs=args.jobs, pack=args.pack)
+    failures = outcome.failures
+    if outcome.budget_spent:
+        print(f"time budget of {args.time_budget:g} s spent after {time.monotonic() - t0:.0f} s: "
+              f"{len(outcome.trained)} runs finished, {len(outcome.partial)} partial (checkpointed: "
+              f"{' '.join(outcome.partial) or 'none'}), {len(outcome.not_started)} not started; the same command "
+              "resumes them", flush=True)  # fmt: skip
+        if not args.no_aggregate:
+            print("report not rendered (the budget is spent): rethink aggregate with the same options renders it")
+    elif not args.no_aggregate:
         _aggregate(args)
     if failures:
         print(f"rethink: {len(failures)} of {len(specs)} runs failed:", file=sys.stderr)
@@ -483,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_suite_options(p)
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     p.add_argument("--no-aggregate", action="store_true", help="skip rendering the report at the end")
+    p.add_argument("--time-budget", type=duration, default=None, metavar="DURATION",
+                   help="e.g. 9m or 1h30m: start no run after it; at it, checkpoint the running ones and exit "
+                        "cleanly (0) with a summary; the same command later resumes them; default: no limit")  # fmt: skip
     add_report_options(p)
     p.add_argument("--pack", type=int, default=1, help="train up to K compatible runs together as one batched model "
                    "(same model and schedule; see docs/performance.md); 1: each run alone")
@@ -495,6 +569,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="./runs", help="where runs live: a directory, file://PATH or s3://bucket/prefix")
     add_data_options(p)
     p.set_defaults(func=cmd_status)
+
+    p = _parser(sub, "export", "write the records of finished runs (spec, metrics, result; no checkpoints) into "
+                "one .tar.gz with a manifest, to import into another store (rethink import)")
+    add_suite_options(p, required=False)
+    p.add_argument("--store", default="./runs", help="where runs live: a directory, file://PATH or s3://bucket/prefix")
+    p.add_argument("--out", required=True, help="the archive to write (.tar.gz)")
+    p.add_argument("--exclude-store", default=None,
+                   help="leave out runs already finished in this store (e.g. results); default: export all")
+    p.add_argument("--partial-checkpoints", action="store_true",
+                   help="with --suite: also the checkpoints of the suite's partial runs, while they fit --max-size, "
+                        "so another machine can resume them (default: records of finished runs only)")  # fmt: skip
+    p.add_argument("--max-size", type=_size, default=None,
+                   help="refuse to write records larger than this (e.g. 16M); partial checkpoints beyond it are left "
+                        "out; default: no limit")  # fmt: skip
+    add_data_options(p)
+    p.set_defaults(func=cmd_export)
+
+    p = _parser(sub, "import", "check and add the runs of an archive written by rethink export to a store; refuses "
+                "(adding nothing) a record whose spec does not hash to its run id or that differs from one there")
+    p.add_argument("archive", help="the .tar.gz written by rethink export")
+    p.add_argument("--store", default="./runs", help="the store to add them to: a directory, file://PATH or s3://...")
+    p.add_argument("--with-checkpoints", action="store_true",
+                   help="also take the archive's partial runs (their checkpoints), to resume them here; default: "
+                        "finished records only (a results store holds no checkpoints)")  # fmt: skip
+    p.set_defaults(func=cmd_import)
 
     p = _parser(sub, "aggregate", "render a suite's figures, tables and report from the runs in the store")
     add_suite_options(p)
