@@ -5,8 +5,9 @@
 #   bench/gpu.sh --device cpu    # dry run of every command with tiny step counts (a few minutes on a CPU)
 #
 # Writes to $OUT when set, else ./bench-results/: bench.jsonl (one `rethink bench --json` record per line, with
-# its name), summary.txt, pytest.txt (the GPU correctness tests), log.txt (each command's stderr). Installs
-# nothing: it needs the repository and its virtual environment (.venv is activated when present).
+# its name), summary.txt, pytest.txt (the GPU correctness tests), precision.json (the same runs trained in
+# float32 and in bf16: final accuracies and epochs to each threshold), log.txt (each command's stderr).
+# Installs nothing: it needs the repository and its virtual environment (.venv is activated when present).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cuda
@@ -22,6 +23,7 @@ trap 'rm -rf "$RECORDS"' EXIT
 START=$(date +%s)
 
 if [[ "$DEVICE" == cpu ]]; then
+  PRECISION=(1 256)  # epochs, training images of the bf16-vs-fp32 check
   STEPS=(--steps 2 --warmup 1)
   EPOCHS=(--epochs 1 --train-images 512 --test-images 128)
   BIG_PACK=16
@@ -29,6 +31,7 @@ if [[ "$DEVICE" == cpu ]]; then
   LIMIT=600
   BUDGET="${BENCH_BUDGET_S:-1800}"
 else
+  PRECISION=(15 10000)
   STEPS=(--steps 100 --warmup 20)
   EPOCHS=(--epochs 2)  # 50k-image epochs of the real trainer after one warm-up epoch
   BIG_PACK=64
@@ -58,11 +61,21 @@ if command -v nvidia-smi >/dev/null && [[ "$DEVICE" != cpu ]]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUTDIR/log.txt" 2>&1
 fi
 
-# 1. The targets first: Inception (s/epoch, x baseline), AlexNet (s/epoch), packed MLP (run-epochs/s).
-bench inception-bf16-compile --model inception "${COMPILE[@]}" "${STEPS[@]}" "${EPOCHS[@]}" --baseline
-bench alexnet-bf16-compile --model alexnet "${COMPILE[@]}" "${STEPS[@]}" "${EPOCHS[@]}"
+# 1. The targets first, in the precision runs use (float32, TF32 matrix units): Inception (s/epoch, x baseline),
+# AlexNet (s/epoch), packed MLP (run-epochs/s).
+bench inception-fp32-compile --model inception "${COMPILE[@]}" "${STEPS[@]}" "${EPOCHS[@]}" --baseline
+bench alexnet-fp32-compile --model alexnet "${COMPILE[@]}" "${STEPS[@]}" "${EPOCHS[@]}"
 bench mlp1-pack$BIG_PACK --model mlp-1x512 --pack "$BIG_PACK" "${STEPS[@]}" "${EPOCHS[@]}"
 bench mlp1-pack8 --model mlp-1x512 --pack 8 "${STEPS[@]}"
+
+# 1b. bf16 against float32 on the same runs (docs/protocol.md: bf16 stays an explicit flag until this agrees).
+if (($(elapsed) <= BUDGET)); then
+  echo "[$(elapsed)s] bf16 vs fp32: ${PRECISION[0]} epochs on ${PRECISION[1]} synthetic images" | tee -a "$OUTDIR/log.txt"
+  SYNTH="$RECORDS/synth"
+  python -m rethink data synth --out "$SYNTH" --train "${PRECISION[1]}" --test 2000 >>"$OUTDIR/log.txt" 2>&1
+  timeout "$LIMIT" python -m rethink.bench precision "$SYNTH" "$DEVICE" "${PRECISION[@]}" "$OUTDIR/precision.json" \
+    2>>"$OUTDIR/log.txt" | tee -a "$OUTDIR/log.txt"
+fi
 
 # 2. Correctness on the device: bf16 vs fp32 and compiled vs eager losses, packs vs unpacked twins.
 if (($(elapsed) <= BUDGET)); then
@@ -74,12 +87,12 @@ fi
 
 # 3. Every model in eager fp32 and in bf16 (+ channels_last for the convolutional ones).
 for model in inception inception-nobn alexnet mlp-3x512 mlp-1x512; do
-  bench "$model-fp32" --model "$model" --no-amp "${STEPS[@]}"
-  bench "$model-bf16" --model "$model" "${STEPS[@]}"
+  bench "$model-fp32" --model "$model" "${STEPS[@]}"
+  bench "$model-bf16" --model "$model" --amp "${STEPS[@]}"
 done
 
 # 4. The rest: compile where not measured yet, CUDA graphs, more packs.
-bench mlp1-bf16-compile --model mlp-1x512 --compile "${STEPS[@]}"
+bench mlp1-fp32-compile --model mlp-1x512 --compile "${STEPS[@]}"
 bench mlp1-pack$BIG_PACK-compile --model mlp-1x512 --pack "$BIG_PACK" --compile "${STEPS[@]}"
 bench mlp3-pack$BIG_PACK --model mlp-3x512 --pack "$BIG_PACK" "${STEPS[@]}"
 bench mlp3-pack8 --model mlp-3x512 --pack 8 "${STEPS[@]}"
@@ -88,9 +101,9 @@ bench inception-pack8 --model inception --pack 8 "${STEPS[@]}"
 if [[ "$DEVICE" != cpu ]]; then
   bench alexnet-cudagraphs --model alexnet --compile --compile-mode reduce-overhead "${STEPS[@]}"
   bench inception-cudagraphs --model inception --compile --compile-mode reduce-overhead "${STEPS[@]}"
-  bench nobn-bf16-compile --model inception-nobn --compile "${STEPS[@]}"
+  bench nobn-fp32-compile --model inception-nobn --compile "${STEPS[@]}"
 fi
-bench mlp3-bf16-compile --model mlp-3x512 --compile "${STEPS[@]}"
+bench mlp3-fp32-compile --model mlp-3x512 --compile "${STEPS[@]}"
 
 python -m rethink.bench collect "$RECORDS" "$OUTDIR/bench.jsonl" >>"$OUTDIR/log.txt"
 python -m rethink.bench summarize "$OUTDIR/bench.jsonl" | tee "$OUTDIR/summary.txt"

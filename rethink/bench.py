@@ -529,6 +529,65 @@ def summarize_records(records: list[dict]) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------------------------- bf16 vs float32
+
+
+def precision_agreement(data: Cifar10, specs: list[RunSpec], device: str, workdir: str | Path, log=print) -> dict:
+    """Train each spec twice, float32 and bf16 autocast, and compare what the report would show: final train and
+    test accuracy (percentage points) and the epoch each accuracy threshold was first reached.
+
+    The gate for making bf16 a default (docs/protocol.md): until this agrees on a GPU, runs train in float32.
+    """
+    from rethink.store import LocalStore
+    from rethink.train import ACC_THRESHOLDS, ExecOptions, train_run
+
+    rows = []
+    for spec in specs:
+        got = {}
+        for name, amp in (("fp32", False), ("bf16", True)):
+            t0 = time.perf_counter()
+            r = train_run(spec, LocalStore(Path(workdir) / name), data,
+                          ExecOptions(device=device, amp=amp, progress=False, log=lambda m: None))  # fmt: skip
+            got[name] = (r, time.perf_counter() - t0)
+        (a, ta), (b, tb) = got["fp32"], got["bf16"]
+        row = {"run": spec.label(), "run_id": spec.run_id, "epochs": spec.epochs, "seconds_fp32": ta,
+               "seconds_bf16": tb}  # fmt: skip
+        for key in ("final_train_acc", "final_test_acc"):
+            row[f"{key}_fp32"], row[f"{key}_bf16"] = 100 * a[key], 100 * b[key]
+            row[f"{key}_diff_pp"] = 100 * (b[key] - a[key])
+        for t in ACC_THRESHOLDS:
+            k = f"{t:g}"
+            ea, eb = a["train_acc_epochs"][k], b["train_acc_epochs"][k]
+            row[f"epoch_{k}_fp32"], row[f"epoch_{k}_bf16"] = ea, eb
+            row[f"epoch_{k}_diff"] = None if ea is None or eb is None else eb - ea
+        rows.append(row)
+        log(f"{spec.label()}: test acc fp32 {row['final_test_acc_fp32']:.2f}% bf16 {row['final_test_acc_bf16']:.2f}% "
+            f"({row['final_test_acc_diff_pp']:+.2f} pp); train acc {row['final_train_acc_diff_pp']:+.2f} pp; "
+            f"epoch to 99%: {row['epoch_0.99_fp32']} vs {row['epoch_0.99_bf16']}")  # fmt: skip
+
+    def worst(key):
+        vals = [abs(r[key]) for r in rows if r[key] is not None]
+        return max(vals) if vals else None
+
+    return {
+        "device": str(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "data": data.identity,
+        "rows": rows,
+        "max_abs_test_acc_diff_pp": worst("final_test_acc_diff_pp"),
+        "max_abs_train_acc_diff_pp": worst("final_train_acc_diff_pp"),
+        "max_abs_epoch_diff": {f"{t:g}": worst(f"epoch_{t:g}_diff") for t in ACC_THRESHOLDS},
+        "unreached_mismatch": [r["run"] for r in rows for t in ACC_THRESHOLDS
+                               if (r[f"epoch_{t:g}_fp32"] is None) != (r[f"epoch_{t:g}_bf16"] is None)],
+    }  # fmt: skip
+
+
+def precision_specs(dataset: str, epochs: int, train_subset: int | None) -> list[RunSpec]:
+    """The runs the bf16 check compares: every model on true labels, and MLP 1x512 on random labels."""
+    common = dict(dataset=dataset, epochs=epochs, train_subset=train_subset)
+    return [RunSpec(model=m, **common) for m in ("mlp-1x512", "alexnet", "inception", "inception-nobn")] + [
+        RunSpec(model="mlp-1x512", labels="random", **common)
+    ]
+
+
 def collect(directory: str | Path, out: str | Path) -> int:
     """Append the records of a directory of *.json files to a .jsonl file, each with its file's name."""
     records = read_records(directory)
@@ -545,6 +604,22 @@ if __name__ == "__main__":
         print(summarize_records(read_records(sys.argv[2])))
     elif len(sys.argv) == 4 and sys.argv[1] == "collect":
         print(f"{collect(sys.argv[2], sys.argv[3])} records appended to {sys.argv[3]}")
+    elif len(sys.argv) == 7 and sys.argv[1] == "precision":
+        # precision DATA_DIR DEVICE EPOCHS TRAIN_IMAGES OUT.json
+        import tempfile
+
+        from rethink.data import load_cifar10
+
+        _, _, data_dir, device, epochs, n, out = sys.argv
+        data = load_cifar10(data_dir, verify=False, download=False)
+        specs = precision_specs(data.identity, int(epochs), int(n) or None)
+        with tempfile.TemporaryDirectory() as work:
+            report = precision_agreement(data, specs, device, work)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"max |test acc bf16 - fp32| {report['max_abs_test_acc_diff_pp']:.2f} pp, train "
+              f"{report['max_abs_train_acc_diff_pp']:.2f} pp, epochs to 99% {report['max_abs_epoch_diff']['0.99']}; "
+              f"{out}")  # fmt: skip
     else:
-        print("usage: python -m rethink.bench summarize DIR_OR_JSONL | collect DIR OUT.jsonl", file=sys.stderr)
+        print("usage: python -m rethink.bench summarize DIR_OR_JSONL | collect DIR OUT.jsonl | precision DATA_DIR "
+              "DEVICE EPOCHS TRAIN_IMAGES OUT.json", file=sys.stderr)  # fmt: skip
         sys.exit(2)

@@ -51,6 +51,7 @@ from rethink.train import (
     CHECKPOINT_FORMAT,
     EpochSteps,
     ExecOptions,
+    OutOfTime,
     Preempted,
     _amp,
     _load_checkpoint,
@@ -541,7 +542,8 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
         seed_dropout(spec0.seed, epoch, rng_state if batch_start > 0 else None, device)
         rng_state = None
         steps = EpochSteps(sigterm, save_all, n_batches, batch_start, opts.checkpoint_minutes, progress,
-                           f"pack epoch {epoch + 1}/{spec0.epochs}", f"pack of {len(members)}")  # fmt: skip
+                           f"pack epoch {epoch + 1}/{spec0.epochs}", f"pack of {len(members)}", opts.deadline,
+                           opts.clock)  # fmt: skip
         t0 = steps.t0
         for b in range(batch_start, n_batches):
             x, y = train_batch(pd, perm, offsets, b, bs)
@@ -596,4 +598,6 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
             wd = weight_decay()
             elapsed, loss_sum, grad_sq_sum = elapsed[: len(keep)], loss_sum[: len(keep)], grad_sq_sum[: len(keep)]
         save_all(0, 0.0)
+        if opts.deadline is not None and opts.clock() >= opts.deadline:
+            raise OutOfTime(f"pack of {len(members)}: time budget spent after epoch {epoch}; checkpoints written")
     return results

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from rethink.spec import RunSpec
 from rethink.store import Store, StoreError, open_store, run_key
-from rethink.train import ExecOptions, Preempted, read_metrics, train_run
+from rethink.train import ExecOptions, OutOfTime, Preempted, read_metrics, train_run
 
 # What stops the whole runner instead of failing one run: preemption, Ctrl-C, and a store that cannot be written
 # (every other run would fail the same way, and their failures could not be recorded either).
@@ -74,22 +74,55 @@ def record_failure(store: Store, spec: RunSpec, exc: BaseException) -> str:
 _worker_data = {}
 
 
-def _train_in_worker(spec_json: str, store_url: str, source: DataSource, opts: ExecOptions, threads: int):
-    """Runs in a worker process: (run_id, None) on success, (run_id, message) on failure."""
+class Outcome(dict):
+    """{run_id: error message} of the runs that failed, plus what became of the others in this call."""
+
+    def __init__(self):
+        super().__init__()
+        self.trained: list[str] = []  # finished in this call
+        self.partial: list[str] = []  # stopped by the time budget, checkpointed: a later call resumes them
+        self.not_started: list[str] = []  # left for a later call by the time budget
+        self.budget_spent = False
+
+    @property
+    def failures(self) -> dict[str, str]:
+        return dict(self)
+
+
+def _train_task(task: list[RunSpec], store: Store, data, opts: ExecOptions) -> dict[str, str | None]:
+    """Train one task (a run, or a pack of runs); {run_id: None (finished) | PARTIAL | NOT_STARTED | error}."""
+    if opts.deadline is not None and opts.clock() >= opts.deadline:
+        return {s.run_id: NOT_STARTED for s in task}
+    try:
+        if len(task) == 1:
+            train_run(task[0], store, data, opts)
+        else:
+            from rethink.pack import train_pack
+
+            train_pack(task, store, data, opts)
+        return {s.run_id: None for s in task}
+    except OutOfTime:
+        return {s.run_id: None if store.exists(run_key(s.run_id, "result.json")) else PARTIAL for s in task}
+    except FATAL:
+        raise
+    except Exception as e:
+        return {s.run_id: None if store.exists(run_key(s.run_id, "result.json")) else record_failure(store, s, e)
+                for s in task}  # fmt: skip
+
+
+def _train_task_in_worker(spec_jsons: list[str], store_url: str, source: DataSource, opts: ExecOptions,
+                          threads: int) -> dict[str, str | None]:  # fmt: skip
+    """Runs in a worker process: `_train_task` of one task, the data loaded once per worker."""
     import torch
 
     torch.set_num_threads(threads)
-    spec = RunSpec.from_json(spec_json)
-    store = open_store(store_url)
-    try:
-        if source.data_dir not in _worker_data:
-            _worker_data[source.data_dir] = source.load()
-        train_run(spec, store, _worker_data[source.data_dir], opts)
-        return spec.run_id, None
-    except FATAL:
-        raise
-    except BaseException as e:
-        return spec.run_id, record_failure(store, spec, e)
+    if source.data_dir not in _worker_data:
+        _worker_data[source.data_dir] = source.load()
+    return _train_task([RunSpec.from_json(j) for j in spec_jsons], open_store(store_url),
+                       _worker_data[source.data_dir], opts)  # fmt: skip
+
+
+PARTIAL, NOT_STARTED = "\x00partial", "\x00not started"  # task outcomes that are not errors
 
 
 def run_specs(
@@ -100,10 +133,11 @@ def run_specs(
     jobs: int = 1,
     progress: bool | None = None,
     pack: int = 1,
-) -> dict[str, str]:
-    """Train every spec not yet finished; returns {run_id: error message} of the runs that failed.
-
-    With pack > 1, compatible runs train together in packs of up to `pack` (rethink.pack.group_packs).
+) -> Outcome:
+    """Train every spec not yet finished; returns the failures ({run_id: error message}) and what became of the
+    rest (`Outcome`). With pack > 1, compatible runs train together in packs of up to `pack`
+    (rethink.pack.group_packs). With `opts.deadline`, no run starts after it and running ones checkpoint and
+    stop at it (`rethink run --time-budget`): a later call resumes where this one stopped.
     """
     store = open_store(store_url)
     todo = [s for s in specs if store.read_bytes(run_key(s.run_id, "result.json")) is None]
@@ -111,9 +145,16 @@ def run_specs(
     progress = sys.stderr.isatty() if progress is None else progress
     say = opts.log
     say(f"{len(specs)} runs: {done_before} already finished, {len(todo)} to train in {store.where()}")
-    failures: dict[str, str] = {}
+    outcome = Outcome()
     if not todo:
-        return failures
+        return outcome
+    if pack > 1:
+        from rethink.pack import group_packs
+
+        tasks = group_packs(todo, pack)
+        say(f"{len(todo)} runs in {len(tasks)} packs of up to {pack}")
+    else:
+        tasks = [[s] for s in todo]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -121,38 +162,44 @@ def run_specs(
         bar = tqdm(total=len(specs), initial=done_before, desc="runs", unit="run", file=sys.stderr)
         opts.log = bar.write
         opts.progress = False
+    by_id = {s.run_id: s for s in todo}
+    k = 0
 
-    def finished(spec: RunSpec, error: str | None, k: int) -> None:
-        if error:
-            failures[spec.run_id] = error
-        status = "FAILED: " + error if error else "done"
-        if bar is not None:
-            bar.update(1)
-            bar.write(f"[{k}/{len(todo)}] {spec.run_id} {spec.label()}: {status}")
-        else:
-            say(f"[{k}/{len(todo)}] {spec.run_id} {spec.label()}: {status}")
-
-    if pack > 1:
-        from rethink.pack import group_packs
-
-        packs = group_packs(todo, pack)
-        say(f"{len(todo)} runs in {len(packs)} packs of up to {pack}")
-        _run_packs(packs, store, store_url, source, opts, jobs, finished)
-    elif jobs <= 1:
-        data = None
-        for k, spec in enumerate(todo, 1):
+    def report(results: dict[str, str | None]) -> None:
+        nonlocal k
+        for rid, result in results.items():
+            spec = by_id[rid]
+            if result == NOT_STARTED:
+                outcome.not_started.append(rid)
+                outcome.budget_spent = True
+                continue
+            k += 1
+            if result == PARTIAL:
+                outcome.partial.append(rid)
+                outcome.budget_spent = True
+                status = "stopped at the time budget, checkpointed"
+            elif result is None:
+                outcome.trained.append(rid)
+                status = "done"
+            else:
+                outcome[rid] = result
+                status = "FAILED: " + result
+            line = f"[{k}/{len(todo)}] {rid} {spec.label()}: {status}"
             if bar is not None:
-                bar.set_postfix_str(f"{spec.run_id} {spec.label()}")
-            error = None
-            try:
-                if data is None:
-                    data = source.load()
-                train_run(spec, store, data, opts)
-            except FATAL:
-                raise
-            except Exception as e:
-                error = record_failure(store, spec, e)
-            finished(spec, error, k)
+                bar.update(0 if result == PARTIAL else 1)
+                bar.write(line)
+            else:
+                say(line)
+
+    if jobs <= 1:
+        data = None
+        for task in tasks:
+            if bar is not None:
+                bar.set_postfix_str(f"{task[0].run_id} {task[0].label()}" + (f" (+{len(task) - 1})" if len(task) > 1
+                                                                            else ""))  # fmt: skip
+            if data is None and not (opts.deadline is not None and opts.clock() >= opts.deadline):
+                data = source.load()
+            report(_train_task(task, store, data, opts))
     else:
         import multiprocessing as mp
 
@@ -160,86 +207,27 @@ def run_specs(
         worker_opts = ExecOptions(**{**opts.__dict__, "log": _quiet, "progress": False})
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = {
-                pool.submit(_train_in_worker, s.canonical_json(), store_url, source, worker_opts, threads): s
-                for s in todo
+                pool.submit(_train_task_in_worker, [s.canonical_json() for s in task], store_url, source, worker_opts,
+                            threads): task  # fmt: skip
+                for task in tasks
             }
-            for k, fut in enumerate(as_completed(futures), 1):
-                spec = futures[fut]
+            for fut in as_completed(futures):
+                task = futures[fut]
                 try:
-                    _, error = fut.result()
+                    results = fut.result()
                 except FATAL:
                     pool.shutdown(cancel_futures=True)
                     raise
                 except Exception as e:  # the worker process died
-                    error = record_failure(store, spec, e)
-                finished(spec, error, k)
+                    results = {s.run_id: None if store.exists(run_key(s.run_id, "result.json"))
+                               else record_failure(store, s, e) for s in task}  # fmt: skip
+                report(results)
     if bar is not None:
         bar.close()
-    return failures
-
-
-def _train_pack(pack: list[RunSpec], store: Store, data, opts: ExecOptions) -> dict[str, str | None]:
-    """Train one pack; {run_id: error message or None}. A failure fails the members it left unfinished."""
-    from rethink.pack import train_pack
-
-    try:
-        train_pack(pack, store, data, opts)
-        return {s.run_id: None for s in pack}
-    except FATAL:
-        raise
-    except Exception as e:
-        return {s.run_id: None if store.exists(run_key(s.run_id, "result.json")) else record_failure(store, s, e)
-                for s in pack}  # fmt: skip
-
-
-def _train_pack_in_worker(spec_jsons: list[str], store_url: str, source: DataSource, opts: ExecOptions, threads: int):
-    """Runs in a worker process: {run_id: error message or None} for one pack."""
-    import torch
-
-    torch.set_num_threads(threads)
-    if source.data_dir not in _worker_data:
-        _worker_data[source.data_dir] = source.load()
-    return _train_pack([RunSpec.from_json(j) for j in spec_jsons], open_store(store_url), _worker_data[source.data_dir],
-                       opts)  # fmt: skip
-
-
-def _run_packs(packs: list[list[RunSpec]], store: Store, store_url: str, source: DataSource, opts: ExecOptions,
-               jobs: int, finished) -> None:  # fmt: skip
-    """Train packs one after another, or `jobs` at a time in worker processes; report each member's end."""
-    k = 0
-
-    def report(pack: list[RunSpec], errors: dict) -> None:
-        nonlocal k
-        for spec in pack:
-            k += 1
-            finished(spec, errors.get(spec.run_id), k)
-
-    if jobs <= 1:
-        data = source.load()
-        for pack in packs:
-            report(pack, _train_pack(pack, store, data, opts))
-        return
-    import multiprocessing as mp
-
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    worker_opts = ExecOptions(**{**opts.__dict__, "log": _quiet, "progress": False})
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {
-            pool.submit(_train_pack_in_worker, [s.canonical_json() for s in pack], store_url, source, worker_opts,
-                        threads): pack  # fmt: skip
-            for pack in packs
-        }
-        for fut in as_completed(futures):
-            pack = futures[fut]
-            try:
-                errors = fut.result()
-            except FATAL:
-                pool.shutdown(cancel_futures=True)
-                raise
-            except Exception as e:  # the worker process died
-                errors = {s.run_id: record_failure(store, s, e) for s in pack
-                          if not store.exists(run_key(s.run_id, "result.json"))}  # fmt: skip
-            report(pack, errors)
+    if outcome.budget_spent:
+        say(f"time budget spent: {len(outcome.trained)} runs finished in this call, {len(outcome.partial)} "
+            f"checkpointed mid-run, {len(outcome.not_started)} not started; run the same command again to go on")
+    return outcome
 
 
 def _quiet(msg: str) -> None:

@@ -44,6 +44,10 @@ class Preempted(Exception):
     exit_code = 143
 
 
+class OutOfTime(Exception):
+    """The time budget (ExecOptions.deadline) ended; the run's checkpoint is current, a later call resumes it."""
+
+
 @dataclass
 class ExecOptions:
     """How to execute a run (not what: that is the spec). None means the device's default."""
@@ -56,6 +60,8 @@ class ExecOptions:
     checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch when an epoch runs longer than this
     progress: bool | None = None  # a progress bar; default when stderr is a terminal
     eval_batch: int | None = None
+    deadline: float | None = None  # clock() value at which to checkpoint and stop (rethink run --time-budget)
+    clock: object = field(default=time.monotonic)  # the deadline's clock (monotonic: one per machine)
     log: object = field(default=print)
 
 
@@ -400,8 +406,9 @@ class EpochSteps:
     """
 
     def __init__(self, sigterm, save, n_batches: int, start: int, minutes: float, progress: bool, desc: str,
-                 what: str):  # fmt: skip
+                 what: str, deadline: float | None = None, clock=time.monotonic):  # fmt: skip
         self.sigterm, self.save, self.n_batches, self.minutes, self.what = sigterm, save, n_batches, minutes, what
+        self.deadline, self.clock = deadline, clock
         self.t0 = self.last = time.perf_counter()
         self.bar = None
         if progress:
@@ -418,6 +425,10 @@ class EpochSteps:
             self.close()
             self.save(b + 1, now - self.t0)
             raise Preempted(f"{self.what}: SIGTERM; checkpoint written after batch {b + 1}, exiting 143")
+        if self.deadline is not None and b + 1 < self.n_batches and self.clock() >= self.deadline:
+            self.close()
+            self.save(b + 1, now - self.t0)
+            raise OutOfTime(f"{self.what}: time budget spent; checkpoint written after batch {b + 1}")
         if b + 1 < self.n_batches and now - self.last > 60 * self.minutes:
             self.save(b + 1, now - self.t0)
             self.last = now
@@ -682,6 +693,7 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
         steps = EpochSteps(
             sigterm, lambda batch, t, before=elapsed_in_epoch: save(batch, before + t), n_batches, batch_start,
             opts.checkpoint_minutes, progress, f"epoch {epoch + 1}/{spec.epochs}", f"run {run_id}",
+            opts.deadline, opts.clock,
         )  # fmt: skip
         t0 = steps.t0
         for b in range(batch_start, n_batches):
@@ -718,6 +730,8 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
         if stopped != "cap" or epoch == spec.epochs:
             break
         save(0, 0.0)
+        if opts.deadline is not None and opts.clock() >= opts.deadline:
+            raise OutOfTime(f"run {run_id}: time budget spent after epoch {epoch}; checkpoint written")
 
     result = summarize(spec, metrics, stopped, env, data.provenance())
     store.write_text(run_key(run_id, "result.json"), json.dumps(result, indent=2) + "\n")

@@ -122,3 +122,72 @@ def test_a_store_that_cannot_be_read_is_one_error_before_training(tmp_path, data
     blocker.write_text("not a directory")
     with pytest.raises(StoreError, match="in store .*Not a directory"):
         run_specs(specs_for(data_dir), str(blocker / "store"), DataSource(str(data_dir)), opts([]))
+
+
+# ---------------------------------------------------------------------------------------------- time budget
+
+
+class _Budget:
+    """A clock for ExecOptions.deadline that passes the deadline once `steps` SGD steps were taken in all."""
+
+    def __init__(self, monkeypatch, steps: int):
+        from rethink import train
+
+        self.steps, self.taken = steps, 0
+        real = train.sgd_step
+
+        def counting(*a, **k):
+            self.taken += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(train, "sgd_step", counting)
+
+    def __call__(self) -> float:
+        return 1.0 if self.taken >= self.steps else 0.0
+
+
+def test_a_time_boxed_run_stops_at_its_budget_and_the_next_call_finishes_it(tmp_path, data_dir, monkeypatch,
+                                                                            without_timing, one_thread):  # fmt: skip
+    specs = specs_for(data_dir, n=3)  # 2 epochs of 4 steps each
+    boxed = ExecOptions(device="cpu", progress=False, log=[].append, deadline=0.5, clock=_Budget(monkeypatch, 10))
+    outcome = run_specs(specs, str(tmp_path / "boxed"), DataSource(str(data_dir)), boxed)
+    monkeypatch.undo()
+    # The budget ended during the second run's third step: the first finished, the second stopped
+    # mid-epoch with a checkpoint, the third never started.
+    assert outcome.budget_spent and outcome == {}
+    assert (outcome.trained, outcome.partial, outcome.not_started) == ([specs[0].run_id], [specs[1].run_id],
+                                                                      [specs[2].run_id])  # fmt: skip
+    store = LocalStore(tmp_path / "boxed")
+    import io
+
+    import torch
+
+    ckpt = torch.load(io.BytesIO(store.read_bytes(run_key(specs[1].run_id, "checkpoint.pt"))), weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"]) == (0, 2)
+    assert [run_state(store, s)[0] for s in specs] == ["finished", "partial", "not started"]
+    # The next call, without a budget, finishes the suite with the metrics of an uninterrupted call.
+    lines: list[str] = []
+    again = run_specs(specs, str(tmp_path / "boxed"), DataSource(str(data_dir)), opts(lines))
+    assert again.trained == [specs[1].run_id, specs[2].run_id] and not again.budget_spent
+    assert any(f"run {specs[1].run_id}: resuming at epoch 1, batch 2" in line for line in lines)
+    run_specs(specs, str(tmp_path / "whole"), DataSource(str(data_dir)), opts([]))
+    for s in specs:
+        assert without_timing(read_metrics(store, s.run_id)) == without_timing(
+            read_metrics(LocalStore(tmp_path / "whole"), s.run_id))  # fmt: skip
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("9m", 540), ("1h30m", 5400), ("1.5h", 5400)])
+def test_time_budget_durations(text, seconds):
+    from rethink.cli import duration
+
+    assert duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["9", "nine minutes", "0m", "5m x"])
+def test_a_bad_time_budget_is_refused(text, capsys):
+    from rethink.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--suite", "smoke", "--time-budget", text])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and ("expected a duration" in err or "must be positive" in err), err
