@@ -1,6 +1,8 @@
-"""The resumable trainer: killed at any moment and started again, a run ends with the metrics of an uninterrupted one.
+"""The resumable trainer: killed or stopped mid-epoch and started again, a run ends with the metrics of an uninterrupted one.
 
 Runs are tiny (MLP 1x512 on 600 synthetic images, CPU). Comparisons cover every metric except the timing fields.
+Signals come from a hook right after the n-th checkpoint write, so they land at the same position on any machine;
+each test asserts that position (and the resume from it) before it compares metrics.
 """
 
 from __future__ import annotations
@@ -9,11 +11,10 @@ import io
 import json
 import os
 import pickle
-import random
 import shutil
 import signal
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from rethink.train import ExecOptions, Preempted, read_metrics, read_result, tra
 BASE = ["--model", "mlp-1x512", "--batch-size", "32", "--epochs", "3", "--device", "cpu"]
 REGULARIZED = ["--model", "mlp-1x512", "--batch-size", "48", "--epochs", "3", "--device", "cpu",
                "--dropout", "0.3", "--random-crop", "--labels", "partial:0.4"]  # fmt: skip
-FAST_CHECKPOINTS = ["--checkpoint-minutes", "0.001"]  # mid-epoch checkpoints every ~0.06 s
+EVERY_BATCH = ["--checkpoint-minutes", "0"]  # a checkpoint after every batch: n-th checkpoint, fixed position
 
 
 def _train_cmd(rethink_cmd, data_dir, store, args) -> list[str]:
@@ -67,65 +68,67 @@ def reference(tmp_path_factory, train_data_dir, one_thread):
     return get
 
 
-def _checkpoint_version(store: Path) -> tuple | None:
-    try:
-        st = next(store.glob("runs/*/checkpoint.pt")).stat()
-    except (StopIteration, FileNotFoundError):
-        return None
-    return st.st_ino, st.st_mtime_ns  # a rename brings a new inode
+# `rethink train ARGV` that sends itself SIG right after its AFTER-th checkpoint write (as tests/test_pack.py does):
+# the signal lands at a position fixed by the arguments, not by the speed of the machine.
+_SIGNAL_AFTER = """
+import os, signal, sys
+import rethink.train as train
+from rethink.cli import main
+
+sig, after, argv = getattr(signal, sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+save, calls = train._save_checkpoint, []
+
+def save_then_signal(store, run_id, state, rotate=True):
+    save(store, run_id, state, rotate)
+    calls.append(1)
+    if len(calls) == after:
+        print(f"test: {sys.argv[1]} after checkpoint {after} (epoch {state['epoch']}, batch {state['batch']})",
+              flush=True)
+        os.kill(os.getpid(), sig)
+
+train._save_checkpoint = save_then_signal
+sys.exit(main(argv))
+"""
 
 
-def _kill_at_random(cmd, env, store: Path, rng: random.Random) -> str:
-    """Start `cmd` and SIGKILL it at a random moment after its n-th checkpoint write (n random); what happened.
-
-    Counting checkpoint writes, rather than seconds, puts the kill after real progress on a fast machine and
-    a slow one alike; the extra random delay lands it mid-step, mid-write, mid-evaluation or between epochs.
-    """
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    start = "fresh start"
-    # The line naming the image counts comes right before the first step (after any checkpoint was loaded).
-    for line in proc.stdout:
-        if "resuming at" in line:
-            start = line.split(": ", 1)[1].strip()
-        if " train / " in line:
-            break
-    target, delay = rng.randint(1, 5), rng.uniform(0, 0.08)
-    seen, last = 0, _checkpoint_version(store)  # what a resumed run started from does not count
-    while seen < target and proc.poll() is None:
-        now = _checkpoint_version(store)
-        if now is not None and now != last:
-            seen, last = seen + 1, now
-        time.sleep(0.002)
-    try:
-        proc.wait(delay)
-        return f"{start}; finished before the kill ({seen} checkpoints seen)"
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return f"{start}; killed {delay:.3f}s after checkpoint write {seen}"
-    finally:
-        proc.stdout.close()
+def _signalled(sig: str, after: int, args: list[str], env) -> subprocess.CompletedProcess:
+    """`rethink train ARGS`, signalled with `sig` right after its `after`-th checkpoint."""
+    return _run([sys.executable, "-c", _SIGNAL_AFTER, sig, str(after), "train", *args], env)
 
 
-@pytest.mark.parametrize("args, kills", [(BASE, 1), (REGULARIZED, 2)], ids=["plain", "dropout-crop-labels"])
-def test_sigkill_at_random_moments_then_resume_gives_identical_metrics(
+def _position(store: Path) -> tuple[int, int]:
+    """(epoch, batch) of the run's checkpoint.pt."""
+    ckpt = torch.load(next(store.glob("runs/*/checkpoint.pt")), weights_only=True)
+    return int(ckpt["epoch"]), int(ckpt["batch"])
+
+
+@pytest.mark.parametrize(
+    "args, kills",
+    # 600 images: 19 batches of 32 (19 checkpoints an epoch), 13 of 48. The second kill of the regularized run
+    # counts from its resume at (0, 5): 7 more in epoch 1, its end, then 9 into epoch 2.
+    [(BASE, [(7, (0, 7))]), (REGULARIZED, [(5, (0, 5)), (17, (1, 9))])],
+    ids=["plain", "dropout-crop-labels"],
+)
+def test_sigkill_mid_epoch_then_resume_gives_identical_metrics(
     args, kills, reference, rethink_cmd, one_thread_env, train_data_dir, tmp_path, without_timing
 ):
-    seed = int(os.environ.get("RETHINK_TEST_SEED", time.time_ns() % 100_000))
-    rng = random.Random(seed)
     store = tmp_path / "store"
-    cmd = _train_cmd(rethink_cmd, train_data_dir, store, args + FAST_CHECKPOINTS)
-    history = [_kill_at_random(cmd, one_thread_env, store, rng) for _ in range(kills)]
-    out = _run(cmd, one_thread_env)
+    where = ["--data-dir", str(train_data_dir), "--store", str(store)]
+    for after, (epoch, batch) in kills:
+        killed = _signalled("SIGKILL", after, [*args, *where, *EVERY_BATCH], one_thread_env)
+        # The kill happened, right after the intended checkpoint: mid-epoch, with the run unfinished.
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert f"SIGKILL after checkpoint {after} (epoch {epoch}, batch {batch})" in killed.stdout, killed.stdout
+        assert _position(store) == (epoch, batch) and batch > 0
+        assert not (_run_dir(store) / "result.json").exists()
+    out = _run(_train_cmd(rethink_cmd, train_data_dir, store, args), one_thread_env)
     assert out.returncode == 0, out.stderr
-    history += [line.split(": ", 1)[1] for line in out.stdout.splitlines() if "resuming at" in line]
-    why = f"RETHINK_TEST_SEED={seed}: {history}"
-    print(why)
-    assert without_timing(_metrics(store)) == without_timing(_metrics(reference(args))), why
+    assert f"resuming at epoch {epoch + 1}, batch {batch} (step " in out.stdout, out.stdout
+    assert without_timing(_metrics(store)) == without_timing(_metrics(reference(args)))
     result = json.loads((_run_dir(store) / "result.json").read_text())
     expected = json.loads((_run_dir(reference(args)) / "result.json").read_text())
     for field in ("run_id", "spec", "epochs", "steps", "final_train_acc", "final_test_acc", "best_test_acc"):
-        assert result[field] == expected[field], why
+        assert result[field] == expected[field], field
     assert "Traceback" not in out.stderr
 
 
@@ -133,26 +136,19 @@ def test_sigterm_checkpoints_and_exits_143_then_the_run_completes_identically(
     reference, rethink_cmd, one_thread_env, train_data_dir, tmp_path, without_timing
 ):
     store = tmp_path / "store"
-    # Default checkpoint interval: the only mid-epoch checkpoint is the one SIGTERM asks for.
-    cmd = _train_cmd(rethink_cmd, train_data_dir, store, REGULARIZED)
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread_env
-    )
-    for line in proc.stdout:
-        if " epoch 1/" in line:  # two epochs to go, however fast the machine: SIGTERM lands mid-run
-            break
-    time.sleep(random.uniform(0.0, 0.05))
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
-    assert "SIGTERM" in err and "checkpoint written" in err and "Traceback" not in err
-    run = _run_dir(store)
-    assert not (run / "result.json").exists()
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert ckpt["batch"] > 0  # stopped at a step boundary inside an epoch: the resume continues mid-epoch
-    resumed = _run(cmd, one_thread_env)
+    args = [*REGULARIZED, "--data-dir", str(train_data_dir), "--store", str(store)]
+    # Default checkpoint interval: checkpoint 1 is epoch 1's end, and the only mid-epoch one is SIGTERM's.
+    proc = _signalled("SIGTERM", 1, args, one_thread_env)
+    assert "SIGTERM after checkpoint 1 (epoch 1, batch 0)" in proc.stdout, proc.stdout
+    assert proc.returncode == 143, proc.stderr
+    assert "SIGTERM" in proc.stderr and "checkpoint written after batch 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (_run_dir(store) / "result.json").exists()
+    # It stopped at the first step boundary after the signal: one batch into epoch 2.
+    assert _position(store) == (1, 1)
+    resumed = _run([*rethink_cmd, "train", *args], one_thread_env)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming at epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']}" in resumed.stdout
+    assert "resuming at epoch 2, batch 1 (step " in resumed.stdout
     assert without_timing(_metrics(store)) == without_timing(_metrics(reference(REGULARIZED)))
 
 
