@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -116,52 +116,62 @@ def test_failed_write_leaves_the_old_object_and_no_temp_file(tmp_path, monkeypat
     assert sorted(p.name for p in (tmp_path / "runs/a").iterdir()) == ["result.json"]
 
 
-def test_readers_never_see_a_partial_object(tmp_path):
+def test_a_reader_during_a_write_sees_the_old_object_whole(tmp_path, monkeypatch):
+    """Reads from inside a write (the new bytes in the temp file, then just before and after the rename)."""
     store = LocalStore(tmp_path)
-    versions = [bytes([i]) * 3_000_000 for i in range(4)]
-    store.write_bytes("blob", versions[0])
-    seen, stop = set(), threading.Event()
+    old, new = b"o" * 3_000_000, b"n" * 3_000_000
+    store.write_bytes("blob", old)
+    seen: list[tuple[str, bytes | None]] = []
+    fsync, replace = os.fsync, os.replace
 
-    def read():
-        while not stop.is_set():
-            seen.add(store.read_bytes("blob"))
+    def fsync_then_read(fd):
+        if not seen:  # the first fsync is the temp file's: its data is complete, the object not yet replaced
+            temp = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+            seen.append(("temp file", temp[0].read_bytes() if len(temp) == 1 else None))
+            seen.append(("during the write", store.read_bytes("blob")))
+        fsync(fd)
 
-    reader = threading.Thread(target=read)
-    reader.start()
-    for i in range(20):
-        store.write_bytes("blob", versions[i % 4])
-    stop.set()
-    reader.join()
-    assert seen <= set(versions) and seen
+    def replace_between_reads(src, dst):
+        seen.append(("before the rename", store.read_bytes("blob")))
+        replace(src, dst)
+        seen.append(("after the rename", store.read_bytes("blob")))
+
+    monkeypatch.setattr("rethink.store.os.fsync", fsync_then_read)
+    monkeypatch.setattr("rethink.store.os.replace", replace_between_reads)
+    store.write_bytes("blob", new)
+    monkeypatch.undo()
+    assert seen == [
+        ("temp file", new),  # the reads below did overlap a write in progress
+        ("during the write", old),
+        ("before the rename", old),
+        ("after the rename", new),
+    ]  # fmt: skip
+    assert store.list("") == ["blob"]
 
 
-_WRITER = """
-import sys
+# Dies (SIGKILL) inside a write: the new bytes are in the temp file, not yet renamed over the old object.
+_KILLED_MID_WRITE = """
+import os, signal, sys
 from rethink.store import LocalStore
-store = LocalStore(sys.argv[1])
-versions = [bytes([i]) * 8_000_000 for i in range(2)]
-print("ready", flush=True)
-i = 0
-while True:
-    store.write_bytes("runs/x/checkpoint.pt", versions[i % 2])
-    i += 1
+
+def fsync(fd):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+os.fsync = fsync
+LocalStore(sys.argv[1]).write_bytes("runs/x/checkpoint.pt", bytes([0]) * 8_000_000)
 """
 
 
 def test_a_writer_killed_mid_write_leaves_a_whole_object(tmp_path):
     store = LocalStore(tmp_path)
     store.write_bytes("runs/x/checkpoint.pt", bytes([1]) * 8_000_000)
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "ready\n"
-    try:
-        proc.wait(0.7)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc.stdout.close()
-    blob = store.read_bytes("runs/x/checkpoint.pt")
-    assert blob in (bytes([0]) * 8_000_000, bytes([1]) * 8_000_000)
-    # a temp file the kill left behind is not an object of the store
+    proc = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, str(tmp_path)], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # The kill landed mid-write: the new version is all there, in a temp file beside the object ...
+    (temp,) = [p for p in (tmp_path / "runs/x").iterdir() if p.name != "checkpoint.pt"]
+    assert temp.name.endswith(".tmp") and temp.read_bytes() == bytes([0]) * 8_000_000
+    # ... and the object is the old version, whole; the temp file is not an object of the store.
+    assert store.read_bytes("runs/x/checkpoint.pt") == bytes([1]) * 8_000_000
     assert store.list("runs") == ["runs/x/checkpoint.pt"]
 
 
