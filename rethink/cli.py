@@ -448,7 +448,7 @@ def _aggregate(args) -> None:
 
     threshold = getattr(args, "overfit_threshold", None) or OVERFIT_THRESHOLD
     written = aggregate(open_store(args.store), args.suite, suite_options(args), log=lambda m: print(m, flush=True),
-                        overfit_threshold=threshold)  # fmt: skip
+                        overfit_threshold=threshold, selection=selection_of(args))  # fmt: skip
     for key in written:
         if key.endswith("report.html"):
             print(f"report: {open_store(args.store).where(key)}")

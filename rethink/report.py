@@ -389,7 +389,7 @@ def table1_frame(ctx: Context) -> pd.DataFrame:
         elif failed:
             status = "failed"
         else:
-            status = "missing"
+            status = f"missing: needs {needs(specs)}" if specs else "missing"
         rows.append({
             "row": i, "model": DISPLAY[model], "random_crop": crop, "weight_decay": wd, "labels": labels,
             "paper_train_acc": paper_train, "paper_test_acc": paper_test,
@@ -670,25 +670,48 @@ def data_line(data) -> str:
     return data.get("description", data.get("identity", "")) + (f" (md5: {files})" if files else "")
 
 
-def _status(store, specs, results, metrics, errors) -> tuple[str, dict]:
+def needs(specs: list[RunSpec]) -> str:
+    """What training `specs` costs, from the catalogue's estimates: 'about 40 GPU-minutes' (and CPU time for MLPs)."""
+    def minutes(seconds: float, kind: str) -> str:
+        m = max(1, round(seconds / 60))
+        return f"{m} {kind}-minute{'s' if m != 1 else ''}"
+
+    text = "about " + minutes(suites.estimate_seconds(specs, "gpu"), "GPU")
+    if all(s.model.startswith("mlp") for s in specs):
+        text += " or " + minutes(suites.estimate_seconds(specs, "cpu"), "CPU")
+    return text + ", estimated"
+
+
+def _status(store, specs, results, metrics, errors, selection=None) -> tuple[str, dict]:
     counts: dict[str, int] = {}
-    lines = []
+    lines, unselected = [], []
     for s in specs:
         state, detail = _state(store, s, results, metrics, errors)
+        if state == "missing" and selection is not None and s not in selection:
+            unselected.append(s)
+            state = "not selected"
         counts[state] = counts.get(state, 0) + 1
-        if state != "finished":
+        if state not in ("finished", "not selected"):
             lines.append(
                 f"- `{s.run_id}` **{state}**: {s.label()} ({', '.join(s.tags)}): {md_escape(detail)}"
             )
     summary = ", ".join(f"{n} {st}" for st, n in counts.items())
-    if not lines:
+    if not lines and not unselected:
         return f"All {len(specs)} runs finished.\n", counts
-    return (f"{summary} of {len(specs)} runs. Figures and tables use the finished runs only; these are not "
-            f"finished:\n\n" + "\n".join(lines) + "\n"), counts  # fmt: skip
+    text = f"{summary} of {len(specs)} runs. Figures and tables use the finished runs only."
+    if unselected:
+        by_model: dict[str, list[RunSpec]] = {}
+        for s in unselected:
+            by_model.setdefault(s.model, []).append(s)
+        text += (f"\n\nNot selected for this store ({selection.describe()}), so not run: "
+                 + "; ".join(f"{len(v)} runs of {DISPLAY[m]}, {needs(v)}" for m, v in by_model.items()) + ".")
+    if lines:
+        text += " These are not finished:\n\n" + "\n".join(lines)
+    return text + "\n", counts  # fmt: skip
 
 
 def aggregate(store: Store, suite: str, o: suites.Options, log=print,
-              overfit_threshold: float = suites.OVERFIT_THRESHOLD) -> list[str]:  # fmt: skip
+              overfit_threshold: float = suites.OVERFIT_THRESHOLD, selection=None) -> list[str]:  # fmt: skip
     """Render `reports/<suite>/` from the suite's runs in `store`; returns the keys written."""
     specs_by_component = suites.components(suite, o)
     all_specs = suites.expand(suite, o)
@@ -713,7 +736,7 @@ def aggregate(store: Store, suite: str, o: suites.Options, log=print,
             sections.append(section)
 
     synthetic = any(s.synthetic for s in all_specs) or any(r and r.get("synthetic") for r in results.values())
-    status, counts = _status(store, all_specs, results, metrics, errors)
+    status, counts = _status(store, all_specs, results, metrics, errors, selection)
     n_done = counts.get("finished", 0)
     head = [f"# Rethinking generalization: suite `{suite}`", ""]
     if synthetic:

@@ -140,7 +140,8 @@ def test_table1_has_the_papers_numbers_and_ours(smoke):
 def test_missing_and_failed_runs_are_listed(smoke):
     store, _, _, missing, failed = smoke
     rows = table1_rows(store)
-    assert rows[0]["status"] == "missing" and rows[0]["test_acc"] == "" and rows[0]["train_acc"] == ""
+    assert rows[0]["status"].startswith("missing: needs about") and "GPU-minute" in rows[0]["status"]
+    assert rows[0]["test_acc"] == "" and rows[0]["train_acc"] == ""
     assert rows[9]["status"] == "failed" and rows[9]["test_acc"] == ""
     md = read(store, "smoke", "report.md")
     assert re.search(rf"`{missing.run_id}` \*\*missing\*\*", md)
@@ -276,3 +277,20 @@ def test_quickstart_report_shows_random_labels_fitted(tmp_path):
     # fabricate(): test accuracy 0.40 - 0.3 p at the last epoch: 10% for random labels, 25% at p = 0.5.
     assert "| random labels | 1 of 1 | 60.00 | 10.00 |" in md
     assert "| labels corrupted with p = 0.5 | 1 of 1 | 100.00 | 25.00 |" in md
+
+
+def test_a_selected_part_says_what_is_missing_and_why(tmp_path):
+    """A store filled with the MLP part of table1: the report names the rest as not selected, with its cost."""
+    store = LocalStore(tmp_path)
+    o = suites.Options(dataset=SYNTH)
+    selection = suites.Selection(models=("mlp-1x512", "mlp-3x512"))
+    for spec in suites.select(suites.expand("table1", o), selection):
+        fabricate(store, spec)
+    report.aggregate(store, "table1", o, log=lambda m: None, selection=selection)
+    md = read(store, "table1", "report.md")
+    assert "13 not selected, 6 finished of 19 runs" in md
+    assert "Not selected for this store (--models mlp-1x512,mlp-3x512), so not run: 5 runs of Small Inception, " in md
+    assert "3 runs of Small Inception w/o BatchNorm, about" in md and "5 runs of Small AlexNet, about" in md
+    rows = table1_rows(store, "table1")
+    assert [r["status"] for r in rows[13:]] == ["ok"] * 6
+    assert all(r["status"].startswith("missing: needs about") for r in rows[:13])
