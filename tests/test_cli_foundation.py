@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from test_paper import INITIAL_LR
 from test_paper import PARAMS as TABLE_1  # typed in once, from the paper
 
 from rethink.cli import build_parser, main
 from rethink.data import DIRNAME, load_cifar10
+from rethink.spec import RunSpec
+from rethink.suites import EPOCH_CAPS, OVERFIT_THRESHOLD
 
 FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
 
@@ -171,29 +177,112 @@ def _subparsers(parser: argparse.ArgumentParser, prefix=()):
                 yield from _subparsers(sub, (*prefix, name))
 
 
-def test_train_help_states_defaults(capsys):
-    with pytest.raises(SystemExit) as e:
+def undocumented_defaults(parser: argparse.ArgumentParser) -> list[str]:
+    """Options of `parser` whose --help does not state the default they actually have (or why there is none).
+
+    - an option with a value (not None) must show that value: "default: 128" for a default of 128 (what the
+      `(default: %(default)s)` that argparse appends says, or the help's own words naming the same value);
+    - a flag (store_true, --x/--no-x) must say what happens without it ("default: float32", "default off");
+    - an option without a default (None) must be required, or say what happens without it ("default: all
+      models"): "(default: None)" tells a user nothing.
+    """
+    formatter = parser._get_formatter()
+    missing = []
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.default == argparse.SUPPRESS:
+            continue
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        option = action.option_strings[-1]
+        text = " ".join(formatter._expand_help(action).split()) if action.help else ""
+        said = [m.strip() for m in re.findall(r"default:? ([^;)]*)", text)]  # what each "default: ..." says
+        flag = action.nargs == 0
+        if action.required or (action.default is None and "required" in text):
+            continue
+        if flag and not any(said):
+            missing.append(f"{option}: a flag whose help does not say what happens without it: {text!r}")
+        elif not flag and action.default is None and not any(w and w != "None" for w in said):
+            missing.append(f"{option}: no default, and the help does not say what happens without it: {text!r}")
+        elif not flag and action.default is not None and f"default: {action.default}" not in text:
+            missing.append(f"{option}: the help does not state its default {action.default!r}: {text!r}")
+    return missing
+
+
+# Options whose help still says "(default: None)"; the words the help should carry instead. An option fixed in
+# rethink/cli.py can leave this list; a new option must not join it.
+PENDING_HELP = {
+    ("train", "--train-subset"): "default: all training images",
+    ("train", "--test-subset"): "default: all test images",
+    ("train", "--spec"): "default: the run the options above describe",
+    ("train", "--suite"): "default: the run the options above describe",
+    ("train", "--index"): "with --suite: this or --pack-index is required",
+    ("train", "--pack-index"): "with --suite and --pack: this or --index is required",
+    ("export", "--suite"): "default: every finished run in the store",
+    ("expressivity", "--store"): "default: only print the report",
+}
+
+
+def _every_parser():
+    yield (), build_parser()
+    yield from _subparsers(build_parser())
+
+
+def test_every_option_states_its_actual_default():
+    commands = dict(_every_parser())
+    assert set(commands) >= {("models",), ("data",), ("data", "synth"), ("train",), ("run",), ("bench",)}
+    missing = {}
+    for words, parser in commands.items():
+        for problem in undocumented_defaults(parser):
+            missing[(*words, problem.split(":", 1)[0])] = problem
+    new = {k: v for k, v in missing.items() if k not in PENDING_HELP}
+    assert not new, "\n".join(f"rethink {' '.join(k[:-1])} {v}" for k, v in new.items())
+
+
+class _OwnWords(argparse.ArgumentDefaultsHelpFormatter):
+    """As rethink's formatter: a help that mentions its default keeps its own words."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
+def test_the_default_check_catches_a_wrong_or_missing_default():
+    p = argparse.ArgumentParser(formatter_class=_OwnWords)
+    p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
+    p.add_argument("--lr", type=float, default=0.1, help="learning rate (default: 0.01)")  # another value
+    p.add_argument("--subset", type=int, help="use only the first N images")  # "(default: None)"
+    p.add_argument("--models", help="these models only; default: all models")
+    p.add_argument("--amp", action="store_true", help="bf16")  # "(default: False)": off
+    p.add_argument("--onednn", action="store_true", help="oneDNN (default on)")  # no "default: ..." words
+    p.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", required=True, help="output directory")
+    assert [m.split(":", 1)[0] for m in undocumented_defaults(p)] == ["--lr", "--subset"]
+
+
+def test_help_names_the_defaults_the_code_resolves_later():
+    """Options whose default is decided after parsing (None to argparse) name the value the code then uses."""
+    commands = dict(_every_parser())
+
+    def help_of(words, option):
+        parser = commands[words]
+        action = next(a for a in parser._actions if option in a.option_strings)
+        return " ".join(parser._get_formatter()._expand_help(action).split())
+
+    assert f"(default: {INITIAL_LR['inception']:g} Inception, {INITIAL_LR['alexnet']:g} others)" in help_of(
+        ("train",), "--lr")  # fmt: skip
+    assert {RunSpec(model=m).lr for m in ("inception", "inception-nobn")} == {INITIAL_LR["inception"]}
+    assert {RunSpec(model=m).lr for m in ("alexnet", "mlp-3x512", "mlp-1x512")} == {INITIAL_LR["alexnet"]}
+    assert f"(default: {RunSpec(model='mlp-1x512').epochs};" in help_of(("train",), "--epochs")
+    (cap,) = set(EPOCH_CAPS.values())
+    for words in (("plan",), ("run",), ("status",), ("aggregate",)):
+        assert f"{cap} epochs each" in help_of(words, "--epochs"), words
+    for words in (("run",), ("aggregate",)):
+        assert f"(default: {OVERFIT_THRESHOLD}," in help_of(words, "--overfit-threshold"), words
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()) as out:
         main(["train", "--help"])
     assert e.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    assert "default" in text
+    text = " ".join(out.getvalue().split())
     for fragment in ("--batch-size BATCH_SIZE minibatch size (default: 128)", "(default: ./data)"):
         assert fragment in text, fragment
-
-
-def test_every_subcommand_help_states_its_defaults():
-    """Every option of every subcommand that has a default says so in --help."""
-    commands = list(_subparsers(build_parser()))
-    assert {words for words, _ in commands} >= {("models",), ("data",), ("data", "synth"), ("train",)}
-    for words, parser in commands:
-        text = " ".join(parser.format_help().split())
-        for action in parser._actions:
-            if not action.option_strings or action.default in (None, argparse.SUPPRESS):
-                continue
-            if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
-                continue
-            option = action.option_strings[-1]
-            assert f"(default: {action.default})" in text or "default" in (action.help or ""), (words, option)
 
 
 def test_synth_into_an_unwritable_place_is_one_line(tmp_path, capsys):
