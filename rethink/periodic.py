@@ -270,7 +270,8 @@ def render(ctx):
         "norm then jumps up, the effective learning rate falls, the loss comes back down and a new period "
         "begins. Spikes here: an epoch whose mean training loss is above "
         f"{d.loss_factor:g}x the median of the last {d.window} stable epochs (and {d.min_jump:g} above it), or "
-        f"whose training accuracy is {d.acc_drop:g} below the lowest of theirs (`periodic.Detector`).",
+        f"whose training accuracy is {d.acc_drop:g} below the lowest of theirs (`periodic.Detector`)."
+        + (" Data: [periodic.csv](periodic.csv)." if csv else ""),
         "",
         *(lines or ["- no run has metrics yet"]),
         "",

@@ -289,7 +289,7 @@ def render(ctx):
         f"({DROPOUT:g}, before each fully connected layer) or all three, on true and on random labels; every run "
         f"trains to its cap ({', '.join(map(str, caps))} epochs), as in Table 1, so "
         "configurations that are also Table 1 rows are the same runs. Accuracies are final (at the stop); the "
-        "paper's Table 1 value is given where it has the configuration. Data: regularizers.csv.",
+        "paper's Table 1 value is given where it has the configuration. Data: [regularizers.csv](regularizers.csv).",
         "",
         "Claims of the paper, judged from these runs:",
         "",

@@ -109,6 +109,12 @@ class Context:
         self.write_bytes(f"{name}.svg", svg.getvalue())
         return [f"{name}.png", f"{name}.svg"]
 
+    def write_csv(self, name: str, rows: list[dict], columns: list[str]) -> str:
+        """Write a figure's or table's numbers as <name>.csv (8 significant digits); returns the file name."""
+        df = pd.DataFrame(rows, columns=columns)
+        self.write_text(f"{name}.csv", df.to_csv(index=False, float_format="%.8g"))
+        return f"{name}.csv"
+
     def finished(self, specs: list[RunSpec] | None = None) -> list[RunSpec]:
         """The specs (default: the component's) whose run has a result."""
         return [s for s in (self.specs if specs is None else specs) if self.results.get(s.run_id) is not None]
@@ -233,16 +239,23 @@ def _seeds_note(n_runs: list[int]) -> str:
 # ---------------------------------------------------------------------------------------------- sections
 
 
+def data_link(*names: str) -> str:
+    """'Data: [fig1b.csv](fig1b.csv), ...': the numbers behind a figure, linked beside it."""
+    return " Data: " + ", ".join(f"[{n}]({n})" for n in names) + "."
+
+
 def render_fig1a(ctx: Context) -> Section:
     """Training loss against steps for the five randomization tests (Small Inception)."""
     fig, ax = new_figure()
-    rows, counts = [], []
+    rows, counts, points = [], [], []
     for i, (labels, pixels) in enumerate(suites.FIG1A_MODES):
         specs = [s for s in ctx.specs if (s.labels, s.pixels) == (labels, pixels)]
         runs = ctx.curves(specs)
         counts.append(len(runs))
         name = MODE_NAMES[(labels, pixels)]
-        plot_curves(ax, runs, "step", "train_loss", name, COLORS[i])
+        st = plot_curves(ax, runs, "step", "train_loss", name, COLORS[i])
+        points += [{"mode": name, "epoch": int(r.epoch), "step": r.x, "train_loss": r.mean, "train_loss_std": r.std,
+                    "seeds": int(r.n)} for r in st.itertuples()]  # fmt: skip
         done = [ctx.results[s.run_id] for s in ctx.finished(specs)]
         steps01 = [r["loss_threshold_steps"].get("0.1") for r in done]
         reached = [v for v in steps01 if v is not None]
@@ -257,10 +270,12 @@ def render_fig1a(ctx: Context) -> Section:
     )
     ax.set_ylim(bottom=0)
     names = ctx.save_figure(fig, "fig1a")
+    csv = ctx.write_csv("fig1a", points, ["mode", "epoch", "step", "train_loss", "train_loss_std", "seeds"])
     body = (
         "Mean training loss of each epoch against the SGD step at its end, for true labels, random labels, "
         "shuffled pixels, random pixels and gaussian inputs."
         + _seeds_note(counts)
+        + data_link(csv)
         + "\n\n"
         + md_table(["mode", "runs finished", "final train loss", "steps to train loss < 0.1"], rows)
     )
@@ -302,6 +317,7 @@ def render_fig1bc(ctx: Context) -> Section:
     fig_b, ax_b = new_figure()
     fig_c, ax_c = new_figure()
     rows, any_hollow, any_points, notes = [], False, False, []
+    csv_b, csv_c = [], []
     target = ctx.overfit_threshold
     points = {m: _fig1bc_points(ctx, m) for m in models}
     for i, model in enumerate(models):
@@ -320,12 +336,18 @@ def render_fig1bc(ctx: Context) -> Section:
             rel = [[v / base_steps for v in q["steps"]] for q in pts]
             exact = [q["reached"] and base["reached"] for q in pts]
             any_hollow |= not all(exact)
-            plot_points(ax_b, [q["p"] for q in pts], [np.mean(r) for r in rel],
-                        [np.std(r, ddof=1) if len(r) > 1 else 0.0 for r in rel], exact, DISPLAY[model], color,
-                        marker)  # fmt: skip
-        plot_points(ax_c, [q["p"] for q in pts], [np.mean(q["test_err"]) for q in pts],
-                    [np.std(q["test_err"], ddof=1) if q["n"] > 1 else 0.0 for q in pts],
-                    [q["reached"] for q in pts], DISPLAY[model], color, marker)  # fmt: skip
+            rel_mean = [float(np.mean(r)) for r in rel]
+            rel_std = [float(np.std(r, ddof=1)) if len(r) > 1 else 0.0 for r in rel]
+            plot_points(ax_b, [q["p"] for q in pts], rel_mean, rel_std, exact, DISPLAY[model], color, marker)
+            csv_b += [{"model": model, "p": q["p"], "runs": q["n"], "threshold": target,
+                       "steps": float(np.mean(q["steps"])), "true_label_steps": base_steps, "relative": m,
+                       "relative_std": sd, "exact": e} for q, m, sd, e in zip(pts, rel_mean, rel_std, exact)]  # fmt: skip
+        err_mean = [float(np.mean(q["test_err"])) for q in pts]
+        err_std = [float(np.std(q["test_err"], ddof=1)) if q["n"] > 1 else 0.0 for q in pts]
+        plot_points(ax_c, [q["p"] for q in pts], err_mean, err_std, [q["reached"] for q in pts], DISPLAY[model],
+                    color, marker)  # fmt: skip
+        csv_c += [{"model": model, "p": q["p"], "runs": q["n"], "test_error": m, "test_error_std": sd}
+                  for q, m, sd in zip(pts, err_mean, err_std)]  # fmt: skip
         for q in pts:
             t = _mean_std(q["steps"], 1, 0)
             if not q["reached"]:
@@ -350,11 +372,15 @@ def render_fig1bc(ctx: Context) -> Section:
                 "test error (1 - final test accuracy)", handles=handles_c)  # fmt: skip
     ax_c.set_ylim(0, 1)
     names = ctx.save_figure(fig_b, "fig1b")[:1] + ctx.save_figure(fig_c, "fig1c")[:1]
+    data = [ctx.write_csv("fig1b", csv_b, ["model", "p", "runs", "threshold", "steps", "true_label_steps", "relative",
+                                           "relative_std", "exact"]),
+            ctx.write_csv("fig1c", csv_c, ["model", "p", "runs", "test_error", "test_error_std"])]  # fmt: skip
     body = (
         f"Time to overfit: the SGD step at the first epoch end with training accuracy >= {100 * target:g}%, "
         "divided by that of the same model on true labels (p = 0). A run that never reached the threshold within "
         "its epoch cap is drawn hollow at its cap: its true time is at least that. Test error is measured at "
-        "the end of the run. Error bars: ± one standard deviation over seeds, where there are several.\n\n"
+        "the end of the run. Error bars: ± one standard deviation over seeds, where there are several."
+        + data_link(*data) + "\n\n"
         + "".join(f"- {n}\n" for n in notes)
         + ("\n" if notes else "")
         + md_table(
@@ -430,7 +456,8 @@ def render_table1(ctx: Context) -> Section:
         "Final training and test accuracy (%) of each row of the paper's Table 1, ours next to the paper's; "
         "Δ = ours − paper (percentage points)."
         + (" Ours: mean ± standard deviation over seeds." if several else "")
-        + " Rows without a finished run are kept with empty values and status 'missing' (or 'failed').\n\n"
+        + " Rows without a finished run are kept with empty values and status 'missing' (or 'failed')."
+        + data_link("table1.csv") + "\n\n"
         + table
     )
     ctx.write_text("table1.md", "# Table 1: paper vs this reproduction\n\n" + body + "\n")
@@ -442,15 +469,18 @@ def render_fig2b(ctx: Context) -> Section:
     models = list(dict.fromkeys(s.model for s in ctx.specs))
     fig, axes = new_figure(ncols=max(1, len(models)), width=5.6, sharey=True)
     axes = axes if isinstance(axes, list) else [axes]
-    rows, counts = [], []
+    rows, counts, points = [], [], []
     for ax, model in zip(axes, models):
         specs = [s for s in ctx.specs if s.model == model]
         runs = ctx.curves(specs)
         counts.append(len(runs))
-        plot_curves(ax, runs, "epoch", "train_acc", "train accuracy", COLORS[0])
+        train = plot_curves(ax, runs, "epoch", "train_acc", "train accuracy", COLORS[0])
         test = plot_curves(ax, runs, "epoch", "test_acc", "test accuracy", COLORS[1], style="--")
         if not test.empty:
             best = test["mean"].cummax()
+            points += [{"model": model, "epoch": int(a.epoch), "train_acc": a.mean, "train_acc_std": a.std,
+                        "test_acc": b.mean, "test_acc_std": b.std, "best_test_acc": c, "seeds": int(b.n)}
+                       for a, b, c in zip(train.itertuples(), test.itertuples(), best)]  # fmt: skip
             ax.fill_between(test["x"], test["mean"], best, color=COLORS[2], alpha=0.35, lw=0,
                             label="cumulative best test accuracy (gain of early stopping)")  # fmt: skip
             done = [ctx.results[s.run_id] for s in ctx.finished(specs)]
@@ -463,10 +493,13 @@ def render_fig2b(ctx: Context) -> Section:
         finish_axes(ax, f"Figure 2b: {DISPLAY[model]}", "epoch", "accuracy")
         ax.set_ylim(0, 1.02)
     names = ctx.save_figure(fig, "fig2b")
+    csv = ctx.write_csv("fig2b", points, ["model", "epoch", "train_acc", "train_acc_std", "test_acc", "test_acc_std",
+                                          "best_test_acc", "seeds"])  # fmt: skip
     body = (
         "Training and test accuracy at each epoch end, all explicit regularizers off, to the epoch cap. The "
         "shaded area between the test accuracy and its running maximum is what early stopping could gain."
         + _seeds_note(counts)
+        + data_link(csv)
         + "\n\n"
         + md_table(
             [
@@ -530,14 +563,14 @@ def render_quickstart(ctx: Context) -> Section:
     fig.suptitle(f"{DISPLAY[ctx.specs[0].model] if ctx.specs else ''}: fitting random labels and random pixels "
                  f"({', '.join(map(str, n))} training images, {cap} epochs)", fontsize=12)  # fmt: skip
     names = ctx.save_figure(fig, "quickstart")
-    ctx.write_text("quickstart.csv", pd.DataFrame(csv_rows, columns=["mode", "seed", "run_id", "epoch", "step",
-                   "train_loss", "train_acc", "test_acc"]).to_csv(index=False))  # fmt: skip
+    csv = ctx.write_csv("quickstart", csv_rows, ["mode", "seed", "run_id", "epoch", "step", "train_loss", "train_acc",
+                                                 "test_acc"])  # fmt: skip
     body = (
         "The paper's central observation, small enough for a laptop: the same network and optimizer fit the "
         "training set whatever its labels or pixels are (left), while the test accuracy (right, always on the "
         "true test labels) is what separates real structure from noise: at chance for random labels and "
-        "gaussian inputs, in between for half-corrupted labels." + _seeds_note(counts) + " Data: quickstart.csv."
-        "\n\n"
+        "gaussian inputs, in between for half-corrupted labels." + _seeds_note(counts) + data_link(csv)
+        + "\n\n"
         + md_table(["mode", "runs finished", "final train acc (%)", "final test acc (%)",
                     f"first epoch with train acc >= {100 * ctx.overfit_threshold:g}%"], rows)  # fmt: skip
     )
@@ -800,6 +833,7 @@ def _inline(text: str) -> str:
 
     s = html.escape(re.sub(r"\\([!-/:-@\[-`{-~])", hold, text), quote=False)
     s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+    s = re.sub(r"\[([^\]]+)\]\(([\w./-]+)\)", r'<a href="\2">\1</a>', s)
     s = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s)
     s = re.sub(r"(?<![*\w])\*([^*\s][^*]*)\*(?![*\w])", r"<em>\1</em>", s)
     return re.sub("\x00(\\d+)\x00", lambda m: html.escape(escaped[int(m.group(1))], quote=False), s)

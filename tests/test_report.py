@@ -108,7 +108,7 @@ def smoke(tmp_path_factory):
 def test_smoke_report_writes_every_file(smoke):
     store, keys, lines, *_ = smoke
     names = {k.removeprefix("reports/smoke/") for k in keys}
-    expected = {f"{f}.{ext}" for f in FIGURES for ext in ("png", "svg")}
+    expected = {f"{f}.{ext}" for f in FIGURES for ext in ("png", "svg", "csv")}
     expected |= {"table1.csv", "table1.md", "report.md", "report.html"}
     assert names == expected
     assert len(lines) == len(keys)  # one log line per file
@@ -223,6 +223,7 @@ def test_nothing_trained_yet_still_renders(tmp_path):
     assert {k.removeprefix("reports/fig1a/") for k in keys} == {
         "fig1a.png",
         "fig1a.svg",
+        "fig1a.csv",
         "report.md",
         "report.html",
     }
@@ -294,3 +295,83 @@ def test_a_selected_part_says_what_is_missing_and_why(tmp_path):
     rows = table1_rows(store, "table1")
     assert [r["status"] for r in rows[13:]] == ["ok"] * 6
     assert all(r["status"].startswith("missing: needs about") for r in rows[:13])
+
+
+# ---------------------------------------------------------------------------------------------- figure data
+
+
+def record(store: LocalStore, spec: RunSpec, train_acc: list[float], test_acc: list[float], steps_per_epoch: int,
+           train_loss: list[float] | None = None) -> None:  # fmt: skip
+    """A finished run with exactly these per-epoch numbers."""
+    metrics = [{"epoch": e + 1, "step": steps_per_epoch * (e + 1), "lr": 0.01, "train_loss": (train_loss or
+                [1.0] * len(train_acc))[e], "train_acc": a, "train_eval_loss": 1.0, "test_loss": 2.0, "test_acc": t,
+                "epoch_seconds": 1.0, "train_seconds": 0.8, "eval_seconds": 0.2, "images_per_second": 1.0}
+               for e, (a, t) in enumerate(zip(train_acc, test_acc))]  # fmt: skip
+    result = summarize(spec, metrics, "cap", ENV, "test")
+    store.write_text(run_key(spec.run_id, "spec.json"), json.dumps(spec.to_dict()))
+    store.write_text(run_key(spec.run_id, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
+    store.write_text(run_key(spec.run_id, "result.json"), json.dumps(result))
+
+
+def csv_rows(store, suite, name) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(read(store, suite, name))))
+
+
+def test_figure_1b_and_1c_data_are_the_numbers_drawn(tmp_path):
+    """Hand-computed cells: 99% at step 3,910 against a true-label twin's 1,955 is 2.0; test accuracy 0.34 is 66%
+    error; a run that never reaches 99% is a lower bound at its last step."""
+    store = LocalStore(tmp_path)
+    o = suites.Options(dataset=SYNTH, epochs=10)
+    specs = {s.label_noise: s for s in suites.expand("fig1bc", o) if s.model == "mlp-1x512"}
+    # 391 steps per epoch: the true-label run reaches 99% at epoch 5 (step 1,955), p = 1 at epoch 10 (3,910).
+    record(store, specs[0.0], [0.5, 0.8, 0.9, 0.98, 0.995, 1, 1, 1, 1, 1], [0.5] * 9 + [0.52], 391)
+    record(store, specs[1.0], [0.1] * 9 + [0.99], [0.1] * 9 + [0.34], 391)
+    record(store, specs[0.4], [0.2] * 10, [0.3] * 10, 391)  # never reaches 99%
+    report.aggregate(store, "fig1bc", o, log=lambda m: None)
+    b = {(r["model"], float(r["p"])): r for r in csv_rows(store, "fig1bc", "fig1b.csv")}
+    assert float(b["mlp-1x512", 1.0]["relative"]) == pytest.approx(2.0)
+    assert float(b["mlp-1x512", 1.0]["steps"]) == 3910 and float(b["mlp-1x512", 1.0]["true_label_steps"]) == 1955
+    assert float(b["mlp-1x512", 0.0]["relative"]) == pytest.approx(1.0)
+    assert b["mlp-1x512", 1.0]["exact"] == "True" and b["mlp-1x512", 0.4]["exact"] == "False"
+    assert float(b["mlp-1x512", 0.4]["relative"]) == pytest.approx(3910 / 1955)  # a lower bound at its last step
+    assert float(b["mlp-1x512", 1.0]["threshold"]) == 0.99
+    c = {(r["model"], float(r["p"])): r for r in csv_rows(store, "fig1bc", "fig1c.csv")}
+    assert float(c["mlp-1x512", 1.0]["test_error"]) == pytest.approx(0.66)
+    assert float(c["mlp-1x512", 0.0]["test_error"]) == pytest.approx(0.48)
+    assert float(c["mlp-1x512", 0.4]["test_error"]) == pytest.approx(0.70)
+    md = read(store, "fig1bc", "report.md")
+    assert "[fig1b.csv](fig1b.csv)" in md and "[fig1c.csv](fig1c.csv)" in md
+    assert '<a href="fig1b.csv">fig1b.csv</a>' in read(store, "fig1bc", "report.html")
+    # Another threshold, asked for: 90% is reached at epoch 3 (step 1,173) on true labels.
+    report.aggregate(store, "fig1bc", o, log=lambda m: None, overfit_threshold=0.9)
+    b = {(r["model"], float(r["p"])): r for r in csv_rows(store, "fig1bc", "fig1b.csv")}
+    assert float(b["mlp-1x512", 0.0]["steps"]) == 1173
+    assert float(b["mlp-1x512", 1.0]["relative"]) == pytest.approx(3910 / 1173, rel=1e-6)
+
+
+def test_figure_1a_and_2b_data_are_the_numbers_drawn(tmp_path):
+    store = LocalStore(tmp_path)
+    o = suites.Options(dataset=SYNTH, epochs=3, seeds=2)
+    for s in suites.expand("fig1a", o):
+        if (s.labels, s.pixels) == ("random", "none"):
+            # Two seeds: the figure draws their mean and sample standard deviation per epoch.
+            loss = [2.3, 2.0, 1.0] if s.seed == 0 else [2.1, 1.6, 0.6]
+            record(store, s, [0.1, 0.5, 0.9], [0.1, 0.1, 0.1], 100, train_loss=loss)
+    report.aggregate(store, "fig1a", o, log=lambda m: None)
+    rows = [r for r in csv_rows(store, "fig1a", "fig1a.csv") if r["mode"] == "random labels"]
+    assert [(int(r["epoch"]), float(r["step"])) for r in rows] == [(1, 100), (2, 200), (3, 300)]
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx([2.2, 1.8, 0.8])
+    assert [float(r["train_loss_std"]) for r in rows] == pytest.approx([0.02**0.5, 0.08**0.5, 0.08**0.5], rel=1e-6)
+    assert {r["seeds"] for r in rows} == {"2"}
+    assert {r["mode"] for r in csv_rows(store, "fig1a", "fig1a.csv")} == {"random labels"}
+
+    store = LocalStore(tmp_path / "2b")
+    o = suites.Options(dataset=SYNTH, epochs=4)
+    (bn,) = [s for s in suites.expand("fig2b", o) if s.model == "inception"]
+    record(store, bn, [0.5, 0.8, 1.0, 1.0], [0.60, 0.75, 0.70, 0.72], 10)
+    report.aggregate(store, "fig2b", o, log=lambda m: None)
+    rows = csv_rows(store, "fig2b", "fig2b.csv")
+    assert [float(r["test_acc"]) for r in rows] == pytest.approx([0.60, 0.75, 0.70, 0.72])
+    assert [float(r["best_test_acc"]) for r in rows] == pytest.approx([0.60, 0.75, 0.75, 0.75])  # running best
+    assert [float(r["train_acc"]) for r in rows] == pytest.approx([0.5, 0.8, 1.0, 1.0])
+    assert "| Small Inception | 1 | 100.00 | 72.00 | 75.00 | 3.00 |" in read(store, "fig2b", "report.md")
