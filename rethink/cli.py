@@ -291,7 +291,7 @@ def cmd_suites(args) -> int:
         specs = expand(name, Options(seeds=args.seeds))
         gpu, cpu = estimate_seconds(specs, "gpu") / 3600, estimate_seconds(specs, "cpu") / 3600
         note = "" if suite.in_full or name == "full" else " [not in full]"
-        print(f"{name:<14}{len(specs):>6}{gpu:>14.2f}{cpu:>14.1f}  {suite.description}{note}")
+        print(f"{name:<14}{len(specs):>6}{gpu:>14.2f}{cpu:>14.2f}  {suite.description}{note}")
     print("\nestimates: every run to its epoch cap (the paper's protocol; --stop-at-acc finishes sooner); "
           "GPU: one H100, float32 targets until measured; CPU: this project's 2-core machine (docs/performance.md)")
     print("not training suites, so not listed (own cost and hardware): `rethink expressivity` (Section 4, CPU, "
