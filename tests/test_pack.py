@@ -275,16 +275,26 @@ def _interrupted(data_dir, store, specs, sig: str, after: int) -> subprocess.Com
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
+def _position(root, spec: RunSpec) -> tuple[int, int]:
+    ckpt = torch.load(root / "runs" / spec.run_id / "checkpoint.pt", weights_only=True)
+    return int(ckpt["epoch"]), int(ckpt["batch"])
+
+
 def test_killed_pack_resumes_to_the_same_end(specs, data_dir, data, packed, twins, tmp_path):
-    # Killed between two members' checkpoints at the end of epoch 2: one member is an epoch ahead.
+    # Checkpoints 1 and 2: members 1 and 2 at the end of epoch 1 (member 0 has finished there); checkpoint 3:
+    # member 1 at the end of epoch 2, and the kill comes before member 2's. One member is now an epoch ahead.
     proc = _interrupted(data_dir, tmp_path, specs, "SIGKILL", 3)
     assert proc.returncode == -9, proc.stderr
     store = LocalStore(tmp_path)
     assert read_result(store, specs[0].run_id) is not None  # finished before the kill: stays finished
-    assert [len(read_metrics(store, s.run_id)) for s in specs[1:]] in ([2, 1], [2, 2])
+    assert [len(read_metrics(store, s.run_id)) for s in specs[1:]] == [2, 2]  # both epoch 2 records written
+    assert [_position(tmp_path, s) for s in specs[1:]] == [(2, 0), (1, 0)], proc.stdout
     log: list[str] = []
     train_pack(specs, store, data, ExecOptions(device="cpu", log=log.append))
-    assert any("different positions" in line for line in log)
+    assert any(f"run {specs[1].run_id}: resuming at epoch 3, batch 0" in line for line in log), log
+    assert any(f"run {specs[2].run_id}: resuming at epoch 2, batch 0" in line for line in log), log
+    assert any("members at 2 different positions" in line for line in log), log
+    assert not any("ignoring unusable" in line for line in log), log
     for s in specs:
         assert_close_metrics(read_metrics(store, s.run_id), read_metrics(packed, s.run_id))
         assert_close_metrics(read_metrics(store, s.run_id), read_metrics(twins, s.run_id))
