@@ -144,13 +144,13 @@ def summary(s: rw.Settings, specs, workflow_dict: dict) -> str:
     n_pods = len(rw.pack_items(specs, s.pack)) if s.pack > 1 else len(specs)
     packed = f" (packs of <= {s.pack} runs)" if s.pack > 1 else ""
     pods = f"{n_pods} training pods{packed}, " + ("1 GPU each" if s.uses_gpu else "no GPU requested")
-    cost = f"estimated {estimate_seconds(specs, 'gpu') / 3600:.2f} GPU-hours (one H100, bf16)"
+    cost = f"estimated {estimate_seconds(specs, 'gpu') / 3600:.2f} GPU-hours (one H100, float32; targets, not yet measured)"
     if not s.uses_gpu:
         cost += f" or {estimate_seconds(specs, 'cpu') / 3600:.2f} CPU-hours (2 cores)"
     return (
         f"suite {s.suite}, {s.seeds} seed(s), profile {s.profile}: {len(specs)} runs -> {pods}, "
         f"at most {at_once} at once\n"
-        f"{cost}, every run to its epoch cap (runs reaching 100% training accuracy stop sooner)\n"
+        f"{cost}, every run to its epoch cap\n"
         f"workflow object: {size / 1024:.0f} KiB (etcd limit ~1 MiB); image {s.image}; store {s.store}"
     )
 
