@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import rethink.train as train
 from rethink.cli import main
 from rethink.data import load_cifar10
+from rethink.models import build_model
 from rethink.spec import RunSpec
 from rethink.store import LocalStore, run_key
 from rethink.train import ExecOptions, Preempted, read_metrics, read_result, train_run
@@ -255,6 +258,57 @@ def test_learning_on_synthetic_data(uninterrupted):
     accs = [m["train_acc"] for m in uninterrupted]
     assert accs[-1] > 0.5 and accs[-1] > accs[0]  # chance is 0.1
     assert uninterrupted[-1]["train_loss"] < uninterrupted[0]["train_loss"]
+
+
+def test_each_epoch_draws_a_new_order_and_new_crops(spec, data, tmp_path, monkeypatch, one_thread):
+    """SGD sees every image once an epoch, in a new order each epoch (and per seed), with new random crops."""
+    seen: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+    batch_inputs = train.batch_inputs
+
+    def record(dd, idx, offsets, channels_last):
+        seen.append((len(seen), idx.clone(), None if offsets is None else offsets.clone()))
+        return batch_inputs(dd, idx, offsets, channels_last)
+
+    monkeypatch.setattr(train, "batch_inputs", record)
+    orders, crops = {}, {}
+    for seed in (0, 1):
+        s = spec.replace(epochs=2, seed=seed, random_crop=True, dropout=0.0)
+        seen.clear()
+        train_run(s, LocalStore(tmp_path / f"seed{seed}"), data, ExecOptions(device="cpu", log=lambda m: None))
+        n_batches = len(seen) // 2
+        for epoch in (0, 1):
+            batches = seen[epoch * n_batches : (epoch + 1) * n_batches]
+            orders[seed, epoch] = torch.cat([idx for _, idx, _ in batches])
+            crops[seed, epoch] = batches[0][2]
+            assert sorted(orders[seed, epoch].tolist()) == list(range(len(data.train_y)))  # each image once
+    n = len(data.train_y)
+    for a, b in [((0, 0), (0, 1)), ((0, 0), (1, 0)), ((1, 0), (1, 1))]:
+        assert (orders[a] != orders[b]).float().mean() > 0.9, (a, b)
+        assert (crops[a] != crops[b]).any(dim=1).float().mean() > 0.5, (a, b)
+    for c in crops.values():  # every one of the 5 x 5 windows of a 32x32 image is drawn
+        assert c.shape == (n, 2) and set(c[:, 0].tolist()) == set(c[:, 1].tolist()) == set(range(5))
+
+
+def test_metrics_are_the_models_accuracy_in_evaluation_mode(spec, data, tmp_path, one_thread):
+    """An epoch's accuracies are those of its weights on the whole (corrupted) training set and the test set,
+    evaluated without dropout: recomputed here from the checkpoint written at that epoch's end."""
+    s = spec.replace(epochs=2, labels="partial:0.5")  # dropout 0.3: training mode would give other numbers
+    store = LocalStore(tmp_path)
+    train_run(s, store, data, ExecOptions(device="cpu", onednn=False, log=lambda m: None))
+    first = read_metrics(store, s.run_id)[0]
+    ckpt = torch.load(io.BytesIO(store.read_bytes(run_key(s.run_id, "checkpoint.pt"))), weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"]) == (1, 0)  # epoch 1's end: the weights `first` was measured on
+    model = build_model(s.model, dropout=s.dropout)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    dd = train.prepare_data(s, data, torch.device("cpu"))
+    assert (dd.train_y.numpy() != data.train_y).mean() > 0.3  # the corrupted labels are the ones measured
+    with torch.no_grad():
+        for x, y, acc, loss in ((dd.train_pre, dd.train_y, "train_acc", "train_eval_loss"),
+                                (dd.test_pre, dd.test_y, "test_acc", "test_loss")):  # fmt: skip
+            out = model(x)
+            assert first[acc] == pytest.approx((out.argmax(1) == y).double().mean().item(), abs=1.01 / len(y)), acc
+            assert first[loss] == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-4), loss
 
 
 def test_in_process_resume_matches(spec, data, uninterrupted, crashed_store, without_timing):
