@@ -1,18 +1,26 @@
-# The rethink image: the package with its locked dependencies on a pinned CUDA PyTorch base; `rethink` is the
-# entrypoint, so a pod (or `docker run IMAGE train ...`) runs the same CLI as a laptop.
+# The rethink image: the package with its locked dependencies on a PyTorch base; `rethink` is the entrypoint,
+# so a pod (or `docker run IMAGE train ...`) runs the same CLI as a laptop.
 #   docker build -t rethink:dev .
 #   docker run --rm --gpus all rethink:dev suites
-# torch 2.14.1 + CUDA 13.0 + cuDNN 9: the versions this project's tests run with (torch, torchvision and the
-# CUDA libraries come from this image, everything else from requirements/image.lock).
-FROM pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
+# The default base is torch 2.14.1 + CUDA 13.0 + cuDNN 9: the versions this project's tests run with (torch,
+# torchvision and the CUDA libraries come from the base, everything else from requirements/image.lock).
+# Any base with python3, pip and torch/torchvision in the package's range will do: a registry mirror's copy,
+# or the CPU base k8s/local/build-image.sh makes without a registry (Debian 13 with its python3-torch):
+#   docker build --build-arg BASE_IMAGE=localhost/rethink-cpu-base:trixie -t rethink:cpu .
+ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
+FROM ${BASE_IMAGE}
 
 # The base image's Python may be marked externally managed; this image is its only user.
+# Caches (matplotlib's font list, fontconfig's) go to /data, the pods' volume: nothing else is written,
+# so a pod can run with a read-only root filesystem.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
-    MPLBACKEND=Agg
+    MPLBACKEND=Agg \
+    XDG_CACHE_HOME=/data/.cache \
+    MPLCONFIGDIR=/data/.cache/matplotlib
 
 # A fixed numeric non-root user (the workflow's securityContext runs pods as 10001 with fsGroup 10001).
 RUN groupadd --gid 10001 rethink \
