@@ -62,6 +62,7 @@ class Pod:
 
     task: str
     attempt: int
+    template: dict  # the rendered template (its volumes, metadata)
     container: dict  # the rendered container
     args: list[str]  # the container's args, parameters filled in
     env: dict[str, str]  # the container's environment, Secret references resolved
@@ -112,7 +113,7 @@ class Pods:
                 assert ref.get("optional"), f"the Secret has no key {ref['key']}"
         assert container["command"] == ["rethink"]
         self.labels[task["name"]] = labels
-        return Pod(task["name"], attempt, container, args, env, labels, volumes, pod_dir)
+        return Pod(task["name"], attempt, template, container, args, env, labels, volumes, pod_dir)
 
     def execute(self, pod: Pod) -> tuple[int, str]:
         """Run the pod to its end: (exit code, log)."""
