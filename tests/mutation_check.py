@@ -147,7 +147,8 @@ def run_pytest(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int 
     except subprocess.TimeoutExpired:
         return None, [], ""
     out = proc.stdout + proc.stderr
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.MULTILINE)
+    # "FAILED tests/x.py::name[param id] - message": the node id may hold spaces, the message follows " - ".
+    failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, flags=re.MULTILINE)
     return proc.returncode, failed, "\n".join(out.strip().splitlines()[-15:])
 
 
