@@ -218,7 +218,8 @@ def _train_pack(args) -> int:
 
 
 def add_suite_options(p: argparse.ArgumentParser, required: bool = True, selectable: bool = True) -> None:
-    p.add_argument("--suite", required=required, default=None, help="suite name (see rethink suites)")
+    p.add_argument("--suite", required=required, default=None,
+                   help="suite name (see rethink suites)" + ("" if required else "; default: every finished run in the store"))
     p.add_argument("--seeds", type=int, default=1, help="repeat the suite over this many seeds (0..K-1)")
     p.add_argument("--epochs", type=int, default=None,
                    help="cap every run at this many epochs (default: the per-model caps, 100 epochs each; "
@@ -523,16 +524,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-acc", type=float, default=None,
                    help="stop once training accuracy reaches this (e.g. 1.0); default: train all epochs")
     p.add_argument("--seed", type=int, default=0, help="seed for initialization, data order and corruption")
-    p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--spec", default=None, help="a run spec as a JSON file (overrides the options above)")
-    p.add_argument("--suite", default=None, help="train run number --index of this suite (as cluster pods do)")
-    p.add_argument("--index", type=int, default=None, help="index into the suite's runs (see rethink plan)")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="use only the first N training images; default: all training images")
+    p.add_argument("--test-subset", type=int, default=None, help="use only the first N test images; default: all test images")
+    p.add_argument("--spec", default=None, help="a run spec as a JSON file (overrides the options above); default: the "
+                   "run the options above describe")
+    p.add_argument("--suite", default=None, help="train run number --index of this suite (as cluster pods do); "
+                   "default: the run the options above describe")
+    p.add_argument("--index", type=int, default=None,
+                   help="index into the suite's runs (see rethink plan); with --suite: this or --pack-index is required")
     p.add_argument("--seeds", type=int, default=1, help="with --suite: the suite's number of seeds")
     p.add_argument("--smoke", action="store_true", help="with --suite: the suite in smoke sizing (see rethink run)")
     p.add_argument("--pack", type=int, default=1, help="with --suite and --pack-index: the suite's pack size K")
     p.add_argument("--pack-index", type=int, default=None,
-                   help="train pack number J of the suite's packs of --pack K runs together (see rethink plan --pack)")
+                   help="train pack number J of the suite's packs of --pack K runs together (see rethink plan --pack); "
+                        "with --suite and --pack: this or --index is required")
     add_data_options(p)
     add_exec_options(p)
     p.set_defaults(func=cmd_train)
@@ -612,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where each bias sits in the gap between sorted projections (0..1; above 0.5 the weights "
                         "grow geometrically)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--store", default=None, help="also write reports/expressivity/expressivity.{json,md} there")
+    p.add_argument("--store", default=None,
+                   help="also write reports/expressivity/expressivity.{json,md} there; default: only print the report")
     add_data_options(p)
     p.set_defaults(func=cmd_expressivity)
 

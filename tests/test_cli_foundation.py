@@ -210,16 +210,7 @@ def undocumented_defaults(parser: argparse.ArgumentParser) -> list[str]:
 
 # Options whose help still says "(default: None)"; the words the help should carry instead. An option fixed in
 # rethink/cli.py can leave this list; a new option must not join it.
-PENDING_HELP = {
-    ("train", "--train-subset"): "default: all training images",
-    ("train", "--test-subset"): "default: all test images",
-    ("train", "--spec"): "default: the run the options above describe",
-    ("train", "--suite"): "default: the run the options above describe",
-    ("train", "--index"): "with --suite: this or --pack-index is required",
-    ("train", "--pack-index"): "with --suite and --pack: this or --index is required",
-    ("export", "--suite"): "default: every finished run in the store",
-    ("expressivity", "--store"): "default: only print the report",
-}
+PENDING_HELP: dict = {}  # options whose help does not yet say what happens without them
 
 
 def _every_parser():
