@@ -273,7 +273,7 @@ def stop_mid_run(pods: ContainerPods, task: dict, stop: list[str], ready=lambda:
     deadline = time.monotonic() + 60
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(random.uniform(0, 0.5))  # anywhere in the next epoch: a step, an evaluation, a write
+    time.sleep(random.uniform(0, 0.2))  # anywhere early in the next epoch: a step, an evaluation, a write
     engine(*stop, name, timeout=60)
     log.append(proc.stdout.read())
     proc.wait(60)

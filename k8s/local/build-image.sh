@@ -55,7 +55,7 @@ make_base() {
     chroot "$root" apt-get clean
     rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/log/* "$root"/tmp/* "$root"/root/.cache
     : >"$root/etc/resolv.conf"  # the engine provides one in every container
-    tar -C "$root" --numeric-owner -c . | "${ENGINE[@]}" import --change 'CMD ["python3"]' \
+    tar -C "$root" --numeric-owner -c . | "${ENGINE[@]}" import --quiet --change 'CMD ["python3"]' \
         --change "ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
         - "$LOCAL_BASE" >/dev/null
     rm -rf "$root" "$root.log"
