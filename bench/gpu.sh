@@ -73,7 +73,7 @@ if (($(elapsed) <= BUDGET)); then
   echo "[$(elapsed)s] bf16 vs fp32: ${PRECISION[0]} epochs on ${PRECISION[1]} synthetic images" | tee -a "$OUTDIR/log.txt"
   SYNTH="$RECORDS/synth"
   python -m rethink data synth --out "$SYNTH" --train "${PRECISION[1]}" --test 2000 >>"$OUTDIR/log.txt" 2>&1
-  timeout "$LIMIT" python -m rethink.bench precision "$SYNTH" "$DEVICE" "${PRECISION[@]}" "$OUTDIR/precision.json" \
+  timeout "$LIMIT" python -m rethink.perf.bench precision "$SYNTH" "$DEVICE" "${PRECISION[@]}" "$OUTDIR/precision.json" \
     2>>"$OUTDIR/log.txt" | tee -a "$OUTDIR/log.txt"
 fi
 
@@ -105,6 +105,6 @@ if [[ "$DEVICE" != cpu ]]; then
 fi
 bench mlp3-fp32-compile --model mlp-3x512 --compile "${STEPS[@]}"
 
-python -m rethink.bench collect "$RECORDS" "$OUTDIR/bench.jsonl" >>"$OUTDIR/log.txt"
-python -m rethink.bench summarize "$OUTDIR/bench.jsonl" | tee "$OUTDIR/summary.txt"
+python -m rethink.perf.bench collect "$RECORDS" "$OUTDIR/bench.jsonl" >>"$OUTDIR/log.txt"
+python -m rethink.perf.bench summarize "$OUTDIR/bench.jsonl" | tee "$OUTDIR/summary.txt"
 echo "done in $(elapsed)s; results in $OUTDIR"

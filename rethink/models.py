@@ -5,27 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rethink.data import CROP, INPUT_DIM
 from rethink.errors import UserError
+from rethink.paper import CROP, DEFAULT_LR, DISPLAY, INPUT_DIM, MODELS, PAPER_PARAMS
 
-# Table 1 of the paper: the counts every model here must hit exactly.
-PAPER_PARAMS = {
-    "inception": 1_649_402,
-    "inception-nobn": 1_649_402,
-    "alexnet": 1_387_786,
-    "mlp-3x512": 1_735_178,
-    "mlp-1x512": 1_209_866,
-}
-DISPLAY = {
-    "inception": "Small Inception",
-    "inception-nobn": "Small Inception w/o BatchNorm",
-    "alexnet": "Small AlexNet",
-    "mlp-3x512": "MLP 3x512",
-    "mlp-1x512": "MLP 1x512",
-}
-# Initial learning rates of Appendix A.
-DEFAULT_LR = {"inception": 0.1, "inception-nobn": 0.1, "alexnet": 0.01, "mlp-3x512": 0.01, "mlp-1x512": 0.01}
-MODELS = tuple(PAPER_PARAMS)
 INPUT_SHAPE = (3, CROP, CROP)
 
 

@@ -6,17 +6,21 @@ Finished runs are skipped, partial ones resume from their checkpoint, so running
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
-import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from rethink.spec import RunSpec
-from rethink.store import Store, StoreError, open_store, run_key
-from rethink.train import ExecOptions, OutOfTime, Preempted, read_metrics, train_run
+from rethink.store import Store, StoreError, open_store
+from rethink.store.runs import record_failure, run_key, run_state
+from rethink.training.grouping import group_packs
+from rethink.training.loop import OutOfTime, Preempted
+from rethink.training.options import ExecOptions
+from rethink.training.packed import train_pack
+from rethink.training.trainer import train_run
+
+__all__ = ["FATAL", "DataSource", "Outcome", "record_failure", "run_specs", "run_state"]
 
 # What stops the whole runner instead of failing one run: preemption, Ctrl-C, and a store that cannot be written
 # (every other run would fail the same way, and their failures could not be recorded either).
@@ -33,42 +37,11 @@ class DataSource:
     def load(self):
         import warnings
 
-        from rethink.data import load_cifar10
+        from rethink.data.cifar import load_cifar10
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return load_cifar10(self.data_dir, verify=self.verify)
-
-
-def run_state(store: Store, spec: RunSpec) -> tuple[str, str]:
-    """('finished' | 'failed' | 'partial' | 'not started', a detail for humans)."""
-    rid = spec.run_id
-    text = store.read_text(run_key(rid, "result.json"))
-    if text is not None:
-        r = json.loads(text)
-        return "finished", f"{r['epochs']} epochs, stopped at {r['stopped']}, test acc {r['final_test_acc']:.4f}"
-    error = store.read_text(run_key(rid, "error.json"))
-    metrics = read_metrics(store, rid)
-    if error is not None:
-        return "failed", json.loads(error).get("error", "?")
-    if metrics or store.exists(run_key(rid, "checkpoint.pt")):
-        return "partial", f"epoch {len(metrics)} of {spec.epochs}"
-    return "not started", ""
-
-
-def record_failure(store: Store, spec: RunSpec, exc: BaseException) -> str:
-    message = f"{type(exc).__name__}: {exc}"
-    payload = {
-        "run_id": spec.run_id,
-        "error": message,
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    try:
-        store.write_text(run_key(spec.run_id, "error.json"), json.dumps(payload, indent=2) + "\n")
-    except Exception:
-        pass  # the store itself may be what failed; the runner still reports it
-    return message
 
 
 _worker_data = {}
@@ -97,8 +70,6 @@ def _train_task(task: list[RunSpec], store: Store, data, opts: ExecOptions) -> d
         if len(task) == 1:
             train_run(task[0], store, data, opts)
         else:
-            from rethink.pack import train_pack
-
             train_pack(task, store, data, opts)
         return {s.run_id: None for s in task}
     except OutOfTime:
@@ -140,7 +111,7 @@ def run_specs(
     stop at it (`rethink run --time-budget`): a later call resumes where this one stopped.
     """
     store = open_store(store_url)
-    todo = [s for s in specs if store.read_bytes(run_key(s.run_id, "result.json")) is None]
+    todo = [s for s in specs if not run_state(store, s).finished]
     done_before = len(specs) - len(todo)
     progress = sys.stderr.isatty() if progress is None else progress
     say = opts.log
@@ -149,8 +120,6 @@ def run_specs(
     if not todo:
         return outcome
     if pack > 1:
-        from rethink.pack import group_packs
-
         tasks = group_packs(todo, pack)
         say(f"{len(todo)} runs in {len(tasks)} packs of up to {pack}")
     else:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rethink.train import TIMING_FIELDS
+from rethink.summary import TIMING_FIELDS
 
 # ---------------------------------------------------------------------------------------------- data sets
 
@@ -24,7 +24,7 @@ from rethink.train import TIMING_FIELDS
 @pytest.fixture
 def synth_dir(tmp_path) -> Path:
     """A fresh 100/20-image synthetic set (seed 0) that a test may damage: pass it as a data directory."""
-    from rethink.data import write_synthetic
+    from rethink.data.synthetic import write_synthetic
 
     write_synthetic(tmp_path / "synth", 100, 20, seed=0)
     return tmp_path / "synth"
@@ -33,7 +33,8 @@ def synth_dir(tmp_path) -> Path:
 @pytest.fixture
 def unmarked_dir(tmp_path) -> Path:
     """A synthetic set without its synthetic marker: to the loader it is CIFAR-10 with wrong md5s."""
-    from rethink.data import DIRNAME, META_FILE, SYNTHETIC_KEY, write_synthetic
+    from rethink.data.cifar import DIRNAME, META_FILE, SYNTHETIC_KEY
+    from rethink.data.synthetic import write_synthetic
 
     root = write_synthetic(tmp_path / "unmarked", 100, 20, seed=0)
     meta = pickle.loads((root / META_FILE).read_bytes(), encoding="bytes")
@@ -46,7 +47,7 @@ def unmarked_dir(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def train_data_dir(tmp_path_factory) -> Path:
     """A 600/200-image synthetic set shared by the training tests (read only): pass it as --data-dir."""
-    from rethink.data import write_synthetic
+    from rethink.data.synthetic import write_synthetic
 
     out = tmp_path_factory.mktemp("train-data")
     write_synthetic(out, 600, 200, seed=0)

@@ -17,10 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "workflows"))
+from workflows import builder as rw
 
-import rethink_workflow as rw  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PARAM = re.compile(r"\{\{inputs\.parameters\.([\w-]+)\}\}")
 

@@ -15,14 +15,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rethink.train as train
-from rethink import baseline
-from rethink.bench import FIELDS, collect, read_records, summarize_records
+import rethink.training.loop as loop
 from rethink.cli import main
-from rethink.data import load_cifar10, preprocess, write_synthetic
+from rethink.data.cifar import load_cifar10
+from rethink.data.device import epoch_seed
+from rethink.data.preprocess import preprocess
+from rethink.data.synthetic import write_synthetic
 from rethink.models import build_model
+from rethink.perf import baseline
+from rethink.perf.bench import FIELDS, collect, read_records, summarize_records
 from rethink.spec import RunSpec
 from rethink.store import LocalStore
+from rethink.store.runs import read_metrics
+from rethink.training.options import ExecOptions
+from rethink.training.trainer import train_run
 
 # Tiny batches: one thread beats two here, and by far on a shared, busy CPU (conftest's `one_thread`).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,7 +42,7 @@ def data(tmp_path_factory):
 
 
 class _LossRecorder:
-    """Stands in for torch.nn.functional inside rethink.train: records each training step's mean loss."""
+    """Stands in for torch.nn.functional inside rethink.training.loop: records each training step's mean loss."""
 
     def __init__(self):
         self.losses: list[float] = []
@@ -53,9 +59,9 @@ class _LossRecorder:
 
 def _trainer_losses(spec: RunSpec, data, tmp_path, monkeypatch, onednn: bool | None = None) -> list[float]:
     recorder = _LossRecorder()
-    monkeypatch.setattr(train, "F", recorder)
-    opts = train.ExecOptions(device="cpu", onednn=onednn, log=lambda m: None)
-    train.train_run(spec, LocalStore(tmp_path / f"store-{onednn}"), data, opts)
+    monkeypatch.setattr(loop, "F", recorder)
+    opts = ExecOptions(device="cpu", onednn=onednn, log=lambda m: None)
+    train_run(spec, LocalStore(tmp_path / f"store-{onednn}"), data, opts)
     monkeypatch.undo()
     return recorder.losses
 
@@ -76,7 +82,7 @@ def _textbook_losses(spec: RunSpec, data) -> list[float]:
         for group in opt.param_groups:
             group["lr"] = spec.lr * spec.lr_decay**epoch
         g = torch.Generator()
-        g.manual_seed(train.epoch_seed(spec.seed, epoch))
+        g.manual_seed(epoch_seed(spec.seed, epoch))
         order = torch.randperm(n, generator=g)
         offsets = torch.randint(0, 5, (n, 2), generator=g) if spec.random_crop else None
         model.train()
@@ -108,7 +114,7 @@ def test_typical_pipeline_fed_the_same_order_agrees(data, tmp_path, monkeypatch)
     spec = RunSpec(model="mlp-1x512", dataset=data.identity, epochs=1, batch_size=64, seed=5)
     fast = _trainer_losses(spec, data, tmp_path, monkeypatch)
     g = torch.Generator()
-    g.manual_seed(train.epoch_seed(spec.seed, 0))
+    g.manual_seed(epoch_seed(spec.seed, 0))
     order = torch.randperm(300, generator=g).tolist()
     device = torch.device("cpu")
     model, opt = baseline.model_and_optimizer(spec.model, device, seed=spec.seed)
@@ -210,8 +216,8 @@ def test_bf16_training_follows_fp32(data, tmp_path, model):
     final = {}
     for amp in (False, True):
         store = LocalStore(tmp_path / f"amp{amp}")
-        train.train_run(spec, store, data, train.ExecOptions(device="cuda", amp=amp, log=lambda m: None))
-        final[amp] = train.read_metrics(store, spec.run_id)[-1]["train_loss"]
+        train_run(spec, store, data, ExecOptions(device="cuda", amp=amp, log=lambda m: None))
+        final[amp] = read_metrics(store, spec.run_id)[-1]["train_loss"]
     assert final[True] == pytest.approx(final[False], rel=0.05)
 
 
@@ -222,6 +228,6 @@ def test_compiled_step_matches_eager_on_cuda(data, tmp_path):
     final = {}
     for compile in (False, True):
         store = LocalStore(tmp_path / f"c{compile}")
-        train.train_run(spec, store, data, train.ExecOptions(device="cuda", compile=compile, log=lambda m: None))
-        final[compile] = train.read_metrics(store, spec.run_id)[-1]["train_loss"]
+        train_run(spec, store, data, ExecOptions(device="cuda", compile=compile, log=lambda m: None))
+        final[compile] = read_metrics(store, spec.run_id)[-1]["train_loss"]
     assert final[True] == pytest.approx(final[False], rel=0.02)

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from rethink.corruptions import apply_pixels, corrupt_labels, parse_labels
-from rethink.data import load_cifar10, preprocess_all, write_synthetic
+from rethink.data.cifar import load_cifar10
+from rethink.data.corruptions import apply_pixels, corrupt_labels, parse_labels
+from rethink.data.device import prepare_data
+from rethink.data.preprocess import preprocess_all
+from rethink.data.synthetic import write_synthetic
 from rethink.errors import UserError
 from rethink.spec import RunSpec
-from rethink.train import prepare_data
 
 N_LABELS = 50_000
 

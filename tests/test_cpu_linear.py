@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rethink.cpu_linear import OneDNNLinear, available, use_onednn_linears
 from rethink.models import build_model
+from rethink.training.cpu import OneDNNLinear, available, use_onednn_linears
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no oneDNN linear")
 

@@ -11,19 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from rethink import data as D
-from rethink.data import (
-    DIRNAME,
-    crop,
-    dataset_identity,
-    is_synthetic,
-    load_cifar10,
-    preprocess,
-    preprocess_all,
-    random_offsets,
-    standardize,
-    write_synthetic,
-)
+from rethink.data import cifar as D
+from rethink.data.cifar import DIRNAME, dataset_identity, is_synthetic, load_cifar10
+from rethink.data.preprocess import crop, preprocess, preprocess_all, random_offsets, standardize
+from rethink.data.synthetic import write_synthetic
 from rethink.errors import UserError
 
 FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from rethink import data as cifar
-from rethink import datastore
-from rethink.cli import data_dir_of, main
+from rethink.cli import main
+from rethink.cli.options import data_dir_of
+from rethink.data import archive as datastore
+from rethink.data import cifar
+from rethink.data.synthetic import write_synthetic
 from rethink.errors import UserError
 from rethink.store import open_store
 
@@ -25,7 +27,7 @@ from rethink.store import open_store
 def archive(tmp_path, monkeypatch) -> bytes:
     """A cifar-10-python.tar.gz look-alike (cifar-10-batches-py/ inside), accepted as the official one."""
     src = tmp_path / "src"
-    cifar.write_synthetic(src, 20, 5, seed=0)
+    write_synthetic(src, 20, 5, seed=0)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         tar.add(src / cifar.DIRNAME, arcname=cifar.DIRNAME)
@@ -79,7 +81,7 @@ def test_push_downloads_when_the_archive_is_not_at_hand(tmp_path, archive, monke
         data_dir.mkdir(parents=True, exist_ok=True)
         (data_dir / cifar.ARCHIVE_NAME).write_bytes(archive)
 
-    monkeypatch.setattr(cifar, "_download", fake_download)
+    monkeypatch.setattr(cifar, "download_archive", fake_download)
     store = open_store(str(tmp_path / "store"))
     assert datastore.push(store, tmp_path / "dl") is True
     assert calls == [tmp_path / "dl"]
@@ -107,7 +109,7 @@ def test_train_data_dir_is_filled_from_the_store_before_any_download(tmp_path, l
     store_dir = tmp_path / "store"
     datastore.push(open_store(str(store_dir)), local_archive)
     monkeypatch.setattr(
-        cifar, "_download", lambda d: pytest.fail("downloaded although the store has the archive")
+        cifar, "download_archive", lambda d: pytest.fail("downloaded although the store has the archive")
     )
     args = argparse.Namespace(data_dir=str(tmp_path / "pod"), synthetic=False, store=str(store_dir))
     path = data_dir_of(args)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from rethink import expressivity as ex
 from rethink.cli import main
-from rethink.data import INPUT_DIM, write_synthetic
+from rethink.data.synthetic import write_synthetic
 from rethink.errors import UserError
+from rethink.experiments import expressivity as ex
+from rethink.paper import INPUT_DIM
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from rethink.data import write_synthetic
-from rethink.records import finished_run_ids, import_archive
+from rethink.data.synthetic import write_synthetic
 from rethink.store import LocalStore
+from rethink.store.records import finished_run_ids, import_archive
 
 ROOT = Path(__file__).resolve().parents[1]
 

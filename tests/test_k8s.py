@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "workflows"))
+from workflows import builder as rw
 
-import rethink_workflow as rw  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 KUSTOMIZATIONS = ["k8s", "k8s/overlays/local", "k8s/overlays/cloud"]
 
@@ -128,7 +127,9 @@ def test_hadolint_is_clean():
 
 def test_dockerfile_shape():
     text = (ROOT / "Dockerfile").read_text()
-    (base,) = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    # One stage, its base a build argument defaulting to the pinned CUDA image (k8s/local builds a CPU one).
+    assert re.findall(r"^FROM\s+(\S+)", text, re.M) == ["${BASE_IMAGE}"]
+    (base,) = re.findall(r"^ARG BASE_IMAGE=(\S+)", text, re.M)
     assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime", base), base
     (user,) = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert user == str(rw.IMAGE_UID)  # numeric, so runAsNonRoot can verify it; the workflow runs pods as it

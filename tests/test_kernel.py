@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from rethink import kernel as kr
 from rethink.cli import main
-from rethink.data import write_synthetic
+from rethink.data.synthetic import write_synthetic
 from rethink.errors import UserError
+from rethink.experiments import kernel as kr
 
 
 @pytest.fixture(scope="module")

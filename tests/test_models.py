@@ -8,7 +8,8 @@ from test_paper import PARAMS as TABLE_1  # typed in once, from the paper
 from torch import nn
 
 from rethink.errors import UserError
-from rethink.models import MODELS, PAPER_PARAMS, build_model, count_params
+from rethink.models import build_model, count_params
+from rethink.paper import MODELS, PAPER_PARAMS
 
 
 def test_the_five_models_and_the_papers_counts():

@@ -13,32 +13,23 @@ import sys
 import pytest
 import torch
 
-import rethink.pack
+import rethink.training.packed
 from rethink.cli import main
-from rethink.data import load_cifar10, preprocess, write_synthetic
+from rethink.data.cifar import load_cifar10
+from rethink.data.device import epoch_seed, prepare_data
+from rethink.data.preprocess import preprocess
+from rethink.data.synthetic import write_synthetic
 from rethink.errors import UserError
 from rethink.models import ConvModule
-from rethink.pack import (
-    PackedModel,
-    epoch_order,
-    group_packs,
-    prepare_pack_data,
-    suite_pack,
-    train_batch,
-    train_pack,
-)
 from rethink.runner import DataSource, run_specs
 from rethink.spec import RunSpec
-from rethink.store import LocalStore, run_key
-from rethink.train import (
-    TIMING_FIELDS,
-    ExecOptions,
-    epoch_seed,
-    prepare_data,
-    read_metrics,
-    read_result,
-    train_run,
-)
+from rethink.store import LocalStore
+from rethink.store.runs import read_metrics, read_result, run_key
+from rethink.summary import TIMING_FIELDS
+from rethink.training.grouping import group_packs, suite_pack
+from rethink.training.options import ExecOptions
+from rethink.training.packed import PackedModel, epoch_order, prepare_pack_data, train_batch, train_pack
+from rethink.training.trainer import train_run
 
 N_TRAIN, N_TEST = 300, 100
 QUIET = ExecOptions(device="cpu", log=lambda m: None)
@@ -187,7 +178,7 @@ def _small_bn_net(name: str = "", dropout: float = 0.0) -> torch.nn.Module:
 
 def test_batchnorm_statistics_and_updates_stay_per_run(monkeypatch):
     """Each member's step, running statistics and evaluation are its own (float64: exact to rounding)."""
-    monkeypatch.setattr(rethink.pack, "build_model", _small_bn_net)
+    monkeypatch.setattr(rethink.training.packed, "build_model", _small_bn_net)
     states, models = [], []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -243,11 +234,12 @@ def test_inception_pack_matches_unpacked_runs(data, tmp_path):
 
 _INTERRUPTED = """
 import json, os, signal, sys
-import rethink.pack as pack
-from rethink.data import load_cifar10
+import rethink.training.packed as pack
+from rethink.data.cifar import load_cifar10
 from rethink.spec import RunSpec
 from rethink.store import LocalStore
-from rethink.train import ExecOptions, Preempted
+from rethink.training.loop import Preempted
+from rethink.training.options import ExecOptions
 
 data_dir, store, specs, sig, after = sys.argv[1:]
 save, calls = pack._save_member, []

@@ -12,14 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rethink import periodic
-from rethink.data import load_cifar10, synthetic_identity
+from rethink.data.cifar import load_cifar10, synthetic_identity
+from rethink.data.device import prepare_data
+from rethink.experiments import periodic
 from rethink.models import ConvModule, build_model
-from rethink.report import aggregate
+from rethink.report.aggregate import aggregate
 from rethink.spec import RunSpec
-from rethink.store import LocalStore, run_key
+from rethink.store import LocalStore
+from rethink.store.runs import read_metrics, run_key
 from rethink.suites import Options, expand
-from rethink.train import ExecOptions, prepare_data, read_metrics, summarize, train_run
+from rethink.summary import summarize
+from rethink.training.options import ExecOptions
+from rethink.training.trainer import train_run
 
 # ---------------------------------------------------------------------------------------------- the suites
 

@@ -8,22 +8,25 @@ import json
 import pytest
 import torch
 
-from rethink import suites
-from rethink.data import load_cifar10
+from rethink.data.cifar import load_cifar10
 from rethink.errors import UserError
 from rethink.models import build_model
-from rethink.pack import PackedModel
+from rethink.report.kit import OVERFIT_THRESHOLD
 from rethink.spec import SPEC_VERSION, RunSpec
 from rethink.store import LocalStore
+from rethink.store.runs import read_metrics
 from rethink.suites import Options, expand
-from rethink.train import ExecOptions, make_sgd, read_metrics, train_run
+from rethink.training.optim import make_sgd
+from rethink.training.options import ExecOptions
+from rethink.training.packed import PackedModel
+from rethink.training.trainer import train_run
 
 QUIET = ExecOptions(device="cpu", log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from rethink.data import write_synthetic
+    from rethink.data.synthetic import write_synthetic
 
     out = tmp_path_factory.mktemp("protocol-data")
     write_synthetic(out, 200, 50, seed=1)
@@ -85,8 +88,8 @@ def test_figure_2b_runs_are_the_table_1_inception_rows():
 def test_figure_1b_threshold_is_one_every_paper_run_reaches():
     # The paper's Table 1 train accuracies (%) of its random-label rows: every one is at least 99%.
     paper_random_label_train_acc = [100.0, 100.0, 99.82, 100.0, 99.34]
-    assert suites.OVERFIT_THRESHOLD == 0.99
-    assert all(a >= 100 * suites.OVERFIT_THRESHOLD for a in paper_random_label_train_acc)
+    assert OVERFIT_THRESHOLD == 0.99
+    assert all(a >= 100 * OVERFIT_THRESHOLD for a in paper_random_label_train_acc)
 
 
 # ---------------------------------------------------------------------------------------------- weight decay
@@ -146,7 +149,7 @@ def test_evaluation_logits_are_float32_under_autocast(data, tmp_path, one_thread
         model[-1].register_forward_hook(lambda mod, inp, out: seen[mod.training].add(out.dtype))
         return model
 
-    import rethink.train as train
+    import rethink.training.trainer as train
 
     spec = RunSpec(model="mlp-1x512", dataset=data.identity, epochs=1, batch_size=50)
     with pytest.MonkeyPatch.context() as mp:

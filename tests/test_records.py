@@ -10,12 +10,15 @@ import tarfile
 import pytest
 
 from rethink.cli import main
-from rethink.data import load_cifar10, write_synthetic
+from rethink.data.cifar import load_cifar10
+from rethink.data.synthetic import write_synthetic
 from rethink.errors import UserError
-from rethink.records import RECORD_FILES, export, finished_run_ids, import_archive
 from rethink.spec import RunSpec
-from rethink.store import LocalStore, run_key
-from rethink.train import ExecOptions, train_run
+from rethink.store import LocalStore
+from rethink.store.records import RECORD_FILES, export, finished_run_ids, import_archive
+from rethink.store.runs import run_key
+from rethink.training.options import ExecOptions
+from rethink.training.trainer import train_run
 
 QUIET = ExecOptions(device="cpu", progress=False, log=lambda m: None)
 

@@ -10,13 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from rethink import regularizers
 from rethink.cli import main
-from rethink.models import PAPER_PARAMS, build_model, count_params
-from rethink.report import aggregate
-from rethink.store import LocalStore, run_key
-from rethink.suites import SUITES, TABLE1_ROWS, WEIGHT_DECAY, Options, components, expand
-from rethink.train import summarize
+from rethink.experiments import regularizers
+from rethink.models import build_model, count_params
+from rethink.paper import PAPER_PARAMS, TABLE1_ROWS
+from rethink.report.aggregate import aggregate
+from rethink.store import LocalStore
+from rethink.store.runs import run_key
+from rethink.suites import SUITES, WEIGHT_DECAY, Options, components, expand
+from rethink.summary import summarize
 
 # The order in which Dropout (D) and Linear (L) modules run in a forward pass, as docs/regularizers.md states:
 # before each fully connected layer; for the MLPs not before the first one (which sees the raw pixels).

@@ -10,10 +10,14 @@ import re
 
 import pytest
 
-from rethink import report, suites
+from rethink import paper, suites
+from rethink.experiments.base import Component
+from rethink.report import aggregate as report
+from rethink.report import kit
 from rethink.spec import RunSpec
-from rethink.store import LocalStore, run_key
-from rethink.train import summarize
+from rethink.store import LocalStore
+from rethink.store.runs import run_key
+from rethink.summary import summarize
 
 SYNTH = "synthetic-n10000-m2000-s0"
 ENV = {
@@ -120,8 +124,8 @@ def test_smoke_report_writes_every_file(smoke):
 def test_table1_has_the_papers_numbers_and_ours(smoke):
     store, *_ = smoke
     rows = table1_rows(store)
-    assert len(rows) == len(suites.TABLE1_ROWS)
-    assert [float(r["paper_test_acc"]) for r in rows] == [row[5] for row in suites.TABLE1_ROWS]
+    assert len(rows) == len(paper.TABLE1_ROWS)
+    assert [float(r["paper_test_acc"]) for r in rows] == [row[5] for row in paper.TABLE1_ROWS]
     inception_crop_wd = rows[0]
     assert (
         float(inception_crop_wd["paper_test_acc"]) == 89.05
@@ -144,7 +148,7 @@ def test_missing_and_failed_runs_are_listed(smoke):
     assert rows[0]["test_acc"] == "" and rows[0]["train_acc"] == ""
     assert rows[9]["status"] == "failed" and rows[9]["test_acc"] == ""
     md = read(store, "smoke", "report.md")
-    assert re.search(rf"`{missing.run_id}` \*\*missing\*\*", md)
+    assert re.search(rf"`{missing.run_id}` \*\*not started\*\*", md)
     assert re.search(rf"`{failed.run_id}` \*\*failed\*\*.*RuntimeError: out of memory on cuda:0", md)
     html = read(store, "smoke", "report.html")
     assert missing.run_id in html and "out of memory on cuda:0 in &lt;*conv*&gt;" in html  # verbatim
@@ -156,7 +160,7 @@ def test_unconverged_runs_are_shown_not_dropped(smoke):
     section = md.split("## Figure 1b/c")[1].split("\n## ")[0]
     # Random labels never reached 100% train accuracy here: at p = 1 each model has a row marked as a bound.
     rows = [line for line in section.splitlines() if re.match(r"\| [^|]+ \| 1 \|", line)]
-    assert len(rows) == len(suites.FIG1BC_MODELS)
+    assert len(rows) == len(paper.FIG1BC_MODELS)
     assert all(">= " in row and "not reached by epoch 2" in row for row in rows)
 
 
@@ -188,7 +192,7 @@ def test_report_lists_protocol_and_environment(smoke):
     store, *_ = smoke
     md = read(store, "smoke", "report.md")
     for needle in ("batch size 128", "weight decay, when on: 0.0005", "random crop", "true labels",
-                   "LRN: size 9", "BatchNorm without scale", "inception 100", "device_name", "2.x"):  # fmt: skip
+                   "LRN: size 9", "BatchNorm without scale", "epoch cap of the paper suites: 100", "device_name", "2.x"):  # fmt: skip
         assert needle in md, needle
 
 
@@ -228,25 +232,26 @@ def test_nothing_trained_yet_still_renders(tmp_path):
         "report.html",
     }
     md = read(store, "fig1a", "report.md")
-    assert md.count("**missing**") == len(suites.FIG1A_MODES)
+    assert md.count("**not started**") == len(paper.FIG1A_MODES)
 
 
 def test_a_new_section_plugs_in(tmp_path, monkeypatch):
     """Another component's renderer: registered in SECTIONS, it gets its runs and writes its own figure."""
     seen = {}
 
-    def render(ctx: report.Context) -> report.Section:
+    def render(ctx: kit.Context) -> kit.Section:
         seen["specs"] = len(ctx.specs)
         seen["finished"] = len(ctx.finished())
-        fig, ax = report.new_figure()
+        fig, ax = kit.new_figure()
         for i, (label, group) in enumerate(ctx.seed_groups().items()):
-            report.plot_curves(ax, ctx.curves(group), "epoch", "test_acc", label, report.COLORS[i])
-        report.finish_axes(ax, "custom", "epoch", "test accuracy")
+            kit.plot_curves(ax, ctx.curves(group), "epoch", "test_acc", label, kit.COLORS[i])
+        kit.finish_axes(ax, "custom", "epoch", "test accuracy")
         names = ctx.save_figure(fig, "custom")
         ctx.write_text("custom.csv", "a,b\n")
-        return report.Section("A custom section", "Body with `code`.", names[:1])
+        return kit.Section("A custom section", "Body with `code`.", names[:1])
 
-    monkeypatch.setitem(report.SECTIONS, "fig2b", render)
+    fig2b = suites.COMPONENTS["fig2b"]
+    monkeypatch.setitem(suites.COMPONENTS, "fig2b", Component("fig2b", fig2b.runs, render))
     store = LocalStore(tmp_path)
     fill(store, "fig2b", O2)
     keys, _ = aggregate(store, "fig2b", O2)

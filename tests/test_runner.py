@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 
 from rethink import runner
-from rethink.data import dataset_identity, write_synthetic
+from rethink.data.cifar import dataset_identity
+from rethink.data.synthetic import write_synthetic
 from rethink.runner import DataSource, run_specs, run_state
 from rethink.spec import RunSpec
-from rethink.store import LocalStore, run_key
-from rethink.train import ExecOptions, read_metrics
+from rethink.store import LocalStore
+from rethink.store.runs import read_metrics, run_key
+from rethink.training.options import ExecOptions
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def test_runs_everything_then_nothing(tmp_path, data_dir, one_thread):
     lines: list[str] = []
     assert run_specs(specs, str(tmp_path / "s"), DataSource(str(data_dir)), opts(lines)) == {}
     store = LocalStore(tmp_path / "s")
-    assert all(run_state(store, s)[0] == "finished" for s in specs)
+    assert all(run_state(store, s).state == "finished" for s in specs)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*") if p.is_file()}
     lines.clear()
     assert run_specs(specs, str(tmp_path / "s"), DataSource(str(data_dir)), opts(lines)) == {}
@@ -48,9 +50,9 @@ def test_a_failing_run_is_isolated_and_reported(tmp_path, data_dir, one_thread):
     assert list(failures) == [bad.run_id]
     assert "synthetic-n1-m1-s9" in failures[bad.run_id]
     store = LocalStore(tmp_path / "s")
-    state, detail = run_state(store, bad)
+    state, detail = run_state(store, bad).state, run_state(store, bad).detail
     assert state == "failed" and "synthetic-n1-m1-s9" in detail
-    assert all(run_state(store, s)[0] == "finished" for s in good)
+    assert all(run_state(store, s).state == "finished" for s in good)
 
 
 def test_parallel_jobs_give_the_same_runs(tmp_path, data_dir, without_timing):
@@ -76,8 +78,8 @@ def test_status_shows_each_state(tmp_path, data_dir, one_thread):
                      store.read_text(run_key(specs[1].run_id, "metrics.jsonl")).splitlines()[0] + "\n")  # fmt: skip
     runner.record_failure(store, specs[2], RuntimeError("boom"))
     states = [run_state(store, s) for s in specs]
-    assert [s for s, _ in states] == ["finished", "partial", "failed", "not started"]
-    assert states[1][1] == "epoch 1 of 2" and "boom" in states[2][1]
+    assert [s.state for s in states] == ["finished", "partial", "failed", "not started"]
+    assert states[1].detail == "epoch 1 of 2" and "boom" in states[2].detail
 
 
 def test_run_command_exits_nonzero_listing_failures(tmp_path, data_dir, monkeypatch, capsys):
@@ -93,8 +95,8 @@ def test_run_command_exits_nonzero_listing_failures(tmp_path, data_dir, monkeypa
     monkeypatch.setattr(runner, "train_run", flaky)
     argv = ["run", "--suite", "fig2b", "--smoke", "--epochs", "1", "--seeds", "2", "--data-dir", str(data_dir),
             "--store", str(tmp_path / "s"), "--device", "cpu", "--no-aggregate"]  # fmt: skip
-    monkeypatch.setattr("rethink.cli.dataset_of", lambda args: dataset_identity(data_dir))
-    monkeypatch.setattr("rethink.cli.data_dir_of", lambda args: data_dir)
+    monkeypatch.setattr("rethink.cli.commands.dataset_of", lambda args: dataset_identity(data_dir))
+    monkeypatch.setattr("rethink.cli.commands.data_dir_of", lambda args: data_dir)
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "2 of 4 runs failed" in err and err.count("simulated failure") == 2
@@ -131,7 +133,7 @@ class _Budget:
     """A clock for ExecOptions.deadline that passes the deadline once `steps` SGD steps were taken in all."""
 
     def __init__(self, monkeypatch, steps: int):
-        from rethink import train
+        from rethink.training import trainer as train
 
         self.steps, self.taken = steps, 0
         real = train.sgd_step
@@ -164,7 +166,7 @@ def test_a_time_boxed_run_stops_at_its_budget_and_the_next_call_finishes_it(tmp_
 
     ckpt = torch.load(io.BytesIO(store.read_bytes(run_key(specs[1].run_id, "checkpoint.pt"))), weights_only=True)
     assert (ckpt["epoch"], ckpt["batch"]) == (0, 2)
-    assert [run_state(store, s)[0] for s in specs] == ["finished", "partial", "not started"]
+    assert [run_state(store, s).state for s in specs] == ["finished", "partial", "not started"]
     # The next call, without a budget, finishes the suite with the metrics of an uninterrupted call.
     lines: list[str] = []
     again = run_specs(specs, str(tmp_path / "boxed"), DataSource(str(data_dir)), opts(lines))
@@ -178,7 +180,7 @@ def test_a_time_boxed_run_stops_at_its_budget_and_the_next_call_finishes_it(tmp_
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("9m", 540), ("1h30m", 5400), ("1.5h", 5400)])
 def test_time_budget_durations(text, seconds):
-    from rethink.cli import duration
+    from rethink.cli.options import duration
 
     assert duration(text) == seconds
 

@@ -21,8 +21,8 @@ import torch
 
 from rethink.cli import main
 from rethink.spec import RunSpec
-from rethink.store import S3Store, StoreError, open_store, run_key
-from rethink.train import read_metrics
+from rethink.store import S3Store, StoreError, open_store
+from rethink.store.runs import read_metrics, run_key
 
 ARGS = ["--model", "mlp-1x512", "--batch-size", "32", "--epochs", "3", "--device", "cpu"]
 
@@ -44,7 +44,8 @@ class Waits:
         self.slept.append(seconds)
 
     def store(self, url: str, retry_seconds: float | None = None, log=None) -> S3Store:
-        return S3Store(url, retry_seconds=retry_seconds, log=log, clock=self.clock, sleep=self.sleep)
+        # One botocore attempt per call: what is counted is the store's own deadline layer on top of botocore.
+        return S3Store(url, retry_seconds=retry_seconds, log=log, clock=self.clock, sleep=self.sleep, attempts=1)
 
 
 def _requests(store: S3Store) -> list[str]:
@@ -227,11 +228,11 @@ def _get(server, key: str) -> str:
 # A `rethink train` that freezes the S3 server (SIGSTOP to its pid) right after writing epoch 1's checkpoint.
 _FREEZE_AFTER_EPOCH_1 = """
 import os, signal, sys
-import rethink.train as train
+import rethink.training.trainer as train
 from rethink.cli import main
 
 server_pid, argv = int(sys.argv[1]), sys.argv[2:]
-save = train._save_checkpoint
+save = train.save_checkpoint
 
 def save_then_freeze(store, run_id, state, rotate=True):
     save(store, run_id, state, rotate)
@@ -239,7 +240,7 @@ def save_then_freeze(store, run_id, state, rotate=True):
         print("test: epoch 1's checkpoint is written; freezing S3", flush=True)
         os.kill(server_pid, signal.SIGSTOP)
 
-train._save_checkpoint = save_then_freeze
+train.save_checkpoint = save_then_freeze
 sys.exit(main(argv))
 """
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from rethink.errors import UserError
-from rethink.store import LocalStore, S3Store, StoreError, open_store, run_key
+from rethink.store import LocalStore, S3Store, StoreError, open_store
+from rethink.store.runs import run_key
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -108,7 +109,7 @@ def test_failed_write_leaves_the_old_object_and_no_temp_file(tmp_path, monkeypat
     def broken_fsync(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("rethink.store.os.fsync", broken_fsync)
+    monkeypatch.setattr("rethink.store.local.os.fsync", broken_fsync)
     with pytest.raises(StoreError, match="No space left on device") as e:
         store.write_bytes("runs/a/result.json", b"new")
     assert "\n" not in str(e.value)
@@ -136,8 +137,8 @@ def test_a_reader_during_a_write_sees_the_old_object_whole(tmp_path, monkeypatch
         replace(src, dst)
         seen.append(("after the rename", store.read_bytes("blob")))
 
-    monkeypatch.setattr("rethink.store.os.fsync", fsync_then_read)
-    monkeypatch.setattr("rethink.store.os.replace", replace_between_reads)
+    monkeypatch.setattr("rethink.store.local.os.fsync", fsync_then_read)
+    monkeypatch.setattr("rethink.store.local.os.replace", replace_between_reads)
     store.write_bytes("blob", new)
     monkeypatch.undo()
     assert seen == [

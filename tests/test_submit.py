@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_cli_foundation import undocumented_defaults
+
+from workflows import builder as rw
+from workflows import golden, submit
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "workflows"))
-
-import rethink_workflow as rw  # noqa: E402
-import submit  # noqa: E402
-from test_cli_foundation import undocumented_defaults  # noqa: E402
 
 CREATED_NAME = "rethink-fig2b-x7k2p"
 ARGS = ["--suite", "fig2b", "--profile", "local", "--synthetic"]
@@ -170,10 +169,10 @@ def test_every_flag_states_its_actual_default():
 
 
 def test_regenerate_golden_writes_every_golden_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(submit, "GOLDEN_DIR", tmp_path)
+    monkeypatch.setattr(golden, "GOLDEN_DIR", tmp_path)
     assert submit.main(["--regenerate-golden"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.yaml" for n in submit.GOLDEN)
-    for name in submit.GOLDEN:
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.yaml" for n in golden.GOLDEN)
+    for name in golden.GOLDEN:
         assert (tmp_path / f"{name}.yaml").read_text() == (
             ROOT / "workflows/golden" / f"{name}.yaml"
         ).read_text()

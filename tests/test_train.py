@@ -21,13 +21,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rethink.train as train
+import rethink.training.trainer as train
 from rethink.cli import main
-from rethink.data import load_cifar10
+from rethink.data.cifar import load_cifar10
 from rethink.models import build_model
 from rethink.spec import RunSpec
-from rethink.store import LocalStore, run_key
-from rethink.train import ExecOptions, Preempted, read_metrics, read_result, train_run
+from rethink.store import LocalStore
+from rethink.store.runs import DamagedRecord, read_metrics, read_result, run_key, run_state
+from rethink.training.loop import Preempted
+from rethink.training.options import ExecOptions
+from rethink.training.trainer import train_run
 
 BASE = ["--model", "mlp-1x512", "--batch-size", "32", "--epochs", "3", "--device", "cpu"]
 REGULARIZED = ["--model", "mlp-1x512", "--batch-size", "48", "--epochs", "3", "--device", "cpu",
@@ -75,11 +78,11 @@ def reference(tmp_path_factory, train_data_dir, one_thread):
 # the signal lands at a position fixed by the arguments, not by the speed of the machine.
 _SIGNAL_AFTER = """
 import os, signal, sys
-import rethink.train as train
+import rethink.training.trainer as train
 from rethink.cli import main
 
 sig, after, argv = getattr(signal, sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-save, calls = train._save_checkpoint, []
+save, calls = train.save_checkpoint, []
 
 def save_then_signal(store, run_id, state, rotate=True):
     save(store, run_id, state, rotate)
@@ -89,7 +92,7 @@ def save_then_signal(store, run_id, state, rotate=True):
               flush=True)
         os.kill(os.getpid(), sig)
 
-train._save_checkpoint = save_then_signal
+train.save_checkpoint = save_then_signal
 sys.exit(main(argv))
 """
 
@@ -395,9 +398,11 @@ def test_damaged_result_is_finished_again(spec, data, uninterrupted, tmp_path, w
     store = LocalStore(tmp_path / "store")
     train_run(spec, store, data, ExecOptions(device="cpu", log=lambda m: None))
     store.write_text(run_key(spec.run_id, "result.json"), '{"status": "fini')
-    assert read_result(store, spec.run_id) is None
+    assert run_state(store, spec).state == "damaged"
+    with pytest.raises(DamagedRecord, match="result.json is damaged"):
+        read_result(store, spec.run_id)
     lines = _finish(store, spec, data)
-    assert any("ignoring unreadable" in line for line in lines), lines
+    assert any("result.json is damaged" in line for line in lines), lines
     assert read_result(store, spec.run_id)["status"] == "finished"
     assert without_timing(read_metrics(store, spec.run_id)) == without_timing(uninterrupted)
 

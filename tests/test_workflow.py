@@ -8,19 +8,16 @@ import io
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from hera.workflows import Workflow
+
+from rethink.suites import SUITES, Options, expand
+from workflows import builder as rw
+from workflows import golden, submit
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "workflows"))
-
-import rethink_workflow as rw  # noqa: E402
-import submit  # noqa: E402
-from hera.workflows import Workflow  # noqa: E402
-
-from rethink.suites import SUITES, Options, expand  # noqa: E402
 
 SCHEMA = ROOT / "workflows" / "schema" / "argo-workflows-v4.1.2.schema.json"  # Argo's own, in the repository
 WORKFLOW_DEF = "io.argoproj.workflow.v1alpha1.Workflow"
@@ -296,20 +293,20 @@ def test_bad_settings_are_refused():
 # ---------------------------------------------------------------------------------------------- golden
 
 
-@pytest.mark.parametrize("name", list(submit.GOLDEN))
+@pytest.mark.parametrize("name", list(golden.GOLDEN))
 def test_golden(name, validator):
     """The committed YAML equals the rendering (compared as Hera models); REGENERATE_GOLDEN=1 rewrites it."""
-    path = submit.GOLDEN_DIR / f"{name}.yaml"
-    rendered = rw.build_workflow(submit.GOLDEN[name])
+    path = golden.GOLDEN_DIR / f"{name}.yaml"
+    rendered = rw.build_workflow(golden.GOLDEN[name])
     if os.environ.get("REGENERATE_GOLDEN") == "1":
         path.write_text(rendered.to_yaml())
     assert path.exists(), f"missing {path}: run python workflows/submit.py --regenerate-golden"
-    golden = Workflow.from_yaml(path.read_text())
-    assert golden.to_dict() == rendered.to_dict(), (
+    committed = Workflow.from_yaml(path.read_text())
+    assert committed.to_dict() == rendered.to_dict(), (
         f"{path} differs from the rendering: if the change is intended, run "
         "python workflows/submit.py --regenerate-golden and review the diff"
     )
-    assert_valid(validator, golden.to_dict())
+    assert_valid(validator, committed.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------- packing

@@ -16,43 +16,16 @@ import sys
 import warnings
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from rethink.cli.options import HelpFormatter
+from workflows import builder as rw
+from workflows.golden import render_golden
 
-import rethink_workflow as rw  # noqa: E402
-
-GOLDEN_DIR = HERE / "golden"
-GOLDEN_IMAGE = "registry.example.com/rethink:0.1.0"
-# The committed reference renderings (python workflows/submit.py --regenerate-golden rewrites them).
-GOLDEN = {
-    "smoke": rw.Settings(suite="smoke", profile="local", synthetic=True, image=GOLDEN_IMAGE),
-    "table1": rw.Settings(suite="table1", profile="gpu", image=GOLDEN_IMAGE),
-    "full": rw.Settings(suite="full", profile="spot", image=GOLDEN_IMAGE),
-}
 DEFAULT_ARGO_SERVER = "https://localhost:2746"
 REQUEST_TIMEOUT = 30  # seconds; Hera's requests carry none of their own
 
 
-def render_golden(directory: Path | None = None) -> list[Path]:
-    """Write every golden workflow as YAML into `directory` (default: workflows/golden)."""
-    directory = directory or GOLDEN_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, settings in GOLDEN.items():
-        path = directory / f"{name}.yaml"
-        path.write_text(rw.build_workflow(settings).to_yaml())
-        written.append(path)
-    return written
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action):
-        # Helps that name their default themselves (environment variables, profile-dependent values) keep it.
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="submit.py", description=__doc__, formatter_class=_Formatter)
+    p = argparse.ArgumentParser(prog="submit.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--suite", help="suite to run (see rethink suites); required unless --regenerate-golden")
     p.add_argument("--seeds", type=int, default=1, help="repeat the suite over this many seeds")
     p.add_argument("--pack", type=int, default=1,

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rethink.corruptions import NUM_CLASSES, corrupt_labels
-from rethink.data import INPUT_DIM, Cifar10, preprocess_all
+from rethink.data.cifar import Cifar10
+from rethink.data.corruptions import corrupt_labels
+from rethink.data.preprocess import preprocess_all
 from rethink.errors import UserError
+from rethink.paper import INPUT_DIM, NUM_CLASSES
 
 BIAS_POSITION = 0.1  # b_i = z_{i-1} + t (z_i - z_{i-1}); see place_biases for why t well below 1/2
 MAX_DRAWS = 10

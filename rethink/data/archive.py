@@ -16,10 +16,13 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rethink import data as cifar
+from rethink.data import cifar
 from rethink.errors import UserError
-from rethink.store import Store, open_store
+
+if TYPE_CHECKING:  # a store is passed in: the data layer does not import the store layer
+    from rethink.store import Store
 
 KEY = f"data/{cifar.ARCHIVE_NAME}"
 MD5_KEY = KEY + ".md5"
@@ -52,10 +55,10 @@ def _local_archive(data_dir: Path) -> Path:
     path = data_dir / cifar.ARCHIVE_NAME
     if not path.exists():
         _log(f"{path} not found: downloading the CIFAR-10 archive")
-        cifar._download(data_dir)  # verifies the archive's md5 and leaves it in data_dir
+        cifar.download_archive(data_dir)  # verifies the archive's md5 and leaves it in data_dir
     if not path.exists():
         raise UserError(f"downloading CIFAR-10 left no {path}; put the official {cifar.ARCHIVE_NAME} there")
-    if cifar._md5(path) != cifar.ARCHIVE_MD5:
+    if cifar.md5_file(path) != cifar.ARCHIVE_MD5:
         raise UserError(
             f"{path} is not the official CIFAR-10 archive (md5 differs from {cifar.ARCHIVE_MD5}); "
             "delete it and run rethink data push again to download it"
@@ -109,8 +112,8 @@ def fetch(store: Store, data_dir: str | Path) -> bool:
     return True
 
 
-def fetch_if_missing(store_url: str | None, data_dir: str | Path) -> bool:
+def fetch_if_missing(store: Store, data_dir: str | Path) -> bool:
     """Before any download: fill an empty data_dir from the store's archive, if the store has one."""
-    if not store_url or (Path(data_dir) / cifar.DIRNAME).is_dir():
+    if (Path(data_dir) / cifar.DIRNAME).is_dir():
         return False
-    return fetch(open_store(store_url), data_dir)
+    return fetch(store, data_dir)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from rethink.data import BORDER, CROP
 from rethink.errors import UserError
+from rethink.paper import BORDER, CROP, NUM_CLASSES
 
-LABEL_MODES = ("true", "random", "partial:P")
 PIXEL_MODES = ("none", "shuffled", "random", "gaussian")
-NUM_CLASSES = 10
 
 
 def parse_labels(mode: str) -> float:

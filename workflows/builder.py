@@ -34,7 +34,10 @@ from hera.workflows import (
 )
 from hera.workflows import models as m
 
+from rethink.data.synthetic import default_identity
 from rethink.spec import RunSpec
+from rethink.suites import Options, expand
+from rethink.training.grouping import group_packs
 
 DEFAULT_IMAGE = "rethink:dev"
 DEFAULT_NAMESPACE = "rethink"
@@ -157,11 +160,7 @@ class WorkItem:
 
 def suite_runs(s: Settings) -> list[RunSpec]:
     """The suite's runs exactly as a pod expands them (same data set identity, seeds and sizing)."""
-    from rethink.cli import SYNTHETIC_SIZE
-    from rethink.data import synthetic_identity
-    from rethink.suites import Options, expand
-
-    dataset = synthetic_identity(*SYNTHETIC_SIZE, seed=0) if s.synthetic else "cifar10"
+    dataset = default_identity() if s.synthetic else "cifar10"
     return expand(s.suite, Options(dataset=dataset, seeds=s.seeds, epochs=s.epochs, smoke=s.smoke))
 
 
@@ -182,8 +181,6 @@ def pack_items(specs: list[RunSpec], k: int) -> list[WorkItem]:
     A pack's run ids do not fit a label (63 characters), so its pods carry the pack index and the number of
     runs; `rethink plan --suite S --pack K` maps pack indices to run ids.
     """
-    from rethink.pack import group_packs
-
     packs = group_packs(specs, k)
     width = max(3, len(str(len(packs) - 1)))
     return [

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from rethink.data import CROP
+from rethink.paper import CROP
 
 TYPICAL_WORKERS = 2
 EVAL_BATCH = 1000
@@ -28,7 +28,7 @@ class Cifar10Images(Dataset):
     """(PIL image, label) pairs, like torchvision.datasets.CIFAR10: images held as HWC uint8, converted per item.
 
     torchvision's own class insists on the official md5s (a synthetic set cannot match them), so this one
-    reads the same files through rethink.data's loader; what happens per item is what torchvision does.
+    reads the same files through rethink.data.cifar's loader; what happens per item is what torchvision does.
     """
 
     def __init__(self, images: np.ndarray, labels, transform=None):
@@ -39,7 +39,7 @@ class Cifar10Images(Dataset):
     @classmethod
     def from_dir(cls, root: str | Path, train: bool = True, transform=None, limit: int | None = None):
         """Read `<root>/cifar-10-batches-py` (the official format; md5-checked unless it is a synthetic set)."""
-        from rethink.data import load_cifar10
+        from rethink.data.cifar import load_cifar10
 
         data = load_cifar10(root, download=False)
         x, y = (data.train_x, data.train_y) if train else (data.test_x, data.test_y)

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rethink.corruptions import NUM_CLASSES
-from rethink.data import Cifar10, preprocess_all
+from rethink.data.cifar import Cifar10
+from rethink.data.preprocess import preprocess_all
 from rethink.errors import UserError
+from rethink.paper import NUM_CLASSES, PAPER_KERNEL_TEST_ERROR
 
 FEATURES = ("gaussian", "random-conv")
 PATCH = 5
@@ -44,7 +45,6 @@ FILTER_BLOCK = 256
 BLOCK_BYTES = 256 << 20  # bound on one block of distances
 CONV_BLOCK_BYTES = 32 << 20  # conv outputs: small blocks stay in cache (3x faster on a CPU than 256 MB ones)
 # Section 5 on CIFAR-10 (full training set, 32,000 random filters): test error in % per (features, l2 > 0).
-PAPER_TEST_ERROR = {("gaussian", False): 46.0, ("random-conv", False): 17.0, ("random-conv", True): 15.0}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 KEY = ["dataset", "features", "n_train", "n_test", "filters", "l2", "dtype", "seed"]
 COLUMNS = [
@@ -201,7 +201,7 @@ def run_kernel(
     log=print,
 ) -> list[dict]:
     """One row per (features, l2): the kernel is built once per feature kind and solved for every l2."""
-    from rethink.train import resolve_device
+    from rethink.training.options import resolve_device
 
     dev = resolve_device(device)
     tdtype = DTYPES[dtype]
@@ -257,7 +257,7 @@ def run_kernel(
                 "filters": filters if kind == "random-conv" else 0,
                 "l2": float(lam),
                 **score,
-                "paper_test_error_pct": PAPER_TEST_ERROR.get((kind, lam > 0), math.nan),
+                "paper_test_error_pct": PAPER_KERNEL_TEST_ERROR.get((kind, lam > 0), math.nan),
                 "synthetic": data.synthetic,
                 "dataset": data.identity,
                 "dtype": dtype,

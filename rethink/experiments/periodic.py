@@ -13,12 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import median
-from typing import TYPE_CHECKING
 
+from rethink.experiments.base import Component, Options, suite_spec
+from rethink.report.kit import Section, md_table
 from rethink.spec import RunSpec
-
-if TYPE_CHECKING:
-    from rethink.suites import Options
 
 # BatchNorm is what makes the weights scale-invariant; Small Inception is the paper's BatchNorm model.
 MODELS = ("inception",)
@@ -36,10 +34,9 @@ SMOKE_EPOCHS = 150
 
 def periodic(o: Options) -> list[RunSpec]:
     """Lobacheva et al.'s setup on the whole training set, to EPOCHS epochs (no early stop), tag 'periodic'."""
-    from rethink.suites import _spec  # here, not at the top: suites imports this module
 
     return [
-        _spec(o, s, "periodic", m, stop_at_target=False, **SETUP).replace(epochs=o.epochs or EPOCHS)
+        suite_spec(o, s, "periodic", m, stop_at_target=False, **SETUP).replace(epochs=o.epochs or EPOCHS)
         for s in range(o.seeds)
         for m in MODELS
     ]
@@ -47,10 +44,9 @@ def periodic(o: Options) -> list[RunSpec]:
 
 def periodic_smoke(o: Options) -> list[RunSpec]:
     """The scaled-down setup (SMOKE_SETUP on SMOKE_SUBSETS images for SMOKE_EPOCHS epochs), tag 'periodic'."""
-    from rethink.suites import _spec
 
     return [
-        _spec(o, s, "periodic", m, stop_at_target=False, **SMOKE_SETUP).replace(
+        suite_spec(o, s, "periodic", m, stop_at_target=False, **SMOKE_SETUP).replace(
             epochs=o.epochs or SMOKE_EPOCHS,
             train_subset=o.train_subset or SMOKE_SUBSETS[0],
             test_subset=o.test_subset or SMOKE_SUBSETS[1],
@@ -228,7 +224,6 @@ def render(ctx):
     """The report section of the 'periodic' and 'periodic-smoke' components (report.SECTIONS)."""
     import pandas as pd
 
-    from rethink.report import Section, md_table  # here: report imports this module
 
     d = Detector()
     runs, rows, lines, csv = [], [], [], []
@@ -308,3 +303,6 @@ CSV_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "test_acc", "wei
 
 def _num(x, fmt: str = ".4g") -> str:
     return "" if x is None else format(x, fmt)
+
+
+COMPONENTS = [Component("periodic", periodic, render), Component("periodic-smoke", periodic_smoke, render)]

@@ -9,12 +9,11 @@ The claims are checked against the measured numbers by `verdicts`, never written
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
+from rethink.experiments.base import WEIGHT_DECAY, Component, Options, suite_spec
+from rethink.paper import DISPLAY, TABLE1_ROWS
+from rethink.report.kit import Section, md_table
 from rethink.spec import RunSpec
-
-if TYPE_CHECKING:
-    from rethink.suites import Options
 
 MODELS = ("inception", "alexnet", "mlp-1x512")
 LABELS = ("true", "random")
@@ -56,10 +55,8 @@ def setting_of(spec: RunSpec) -> str | None:
 
 def regularizers(o: Options) -> list[RunSpec]:
     """Every (model, labels, setting): 30 runs per seed, tagged 'regularizers'."""
-    from rethink.suites import WEIGHT_DECAY, _spec  # here, not at the top: suites imports this module
-
     return [
-        _spec(o, s, "regularizers", model, labels=labels, **setting_fields(setting, WEIGHT_DECAY))
+        suite_spec(o, s, "regularizers", model, labels=labels, **setting_fields(setting, WEIGHT_DECAY))
         for s in range(o.seeds)
         for model in MODELS
         for labels in LABELS
@@ -224,8 +221,6 @@ def figure(rows: list[dict], title: str = ""):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from rethink.models import DISPLAY
-
     fig = Figure(figsize=(4.4 * len(MODELS), 3.6 * len(LABELS)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(LABELS), len(MODELS), sharey=True, squeeze=False)
@@ -261,8 +256,6 @@ def figure(rows: list[dict], title: str = ""):
 
 def _paper(model: str, labels: str, setting: str) -> tuple[float, float] | None:
     """The paper's Table 1 (train, test) accuracy in % for this configuration, when Table 1 has it."""
-    from rethink.suites import TABLE1_ROWS
-
     fields = setting_fields(setting, 1.0)
     key = (model, bool(fields.get("random_crop")), bool(fields.get("weight_decay")), labels)
     if fields.get("dropout"):
@@ -274,8 +267,6 @@ def render(ctx):
     """The report section of the 'regularizers' component (report.SECTIONS)."""
     import pandas as pd
 
-    from rethink.report import Section, md_table  # here: report imports this module
-    from rethink.suites import WEIGHT_DECAY
 
     results = {rid: r for rid, r in ctx.results.items() if r is not None}
     rows = table(ctx.specs, results)
@@ -313,3 +304,6 @@ def _pct_cell(mean: float | None, std: float | None) -> str:
     if mean is None:
         return ""
     return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+COMPONENTS = [Component("regularizers", regularizers, render)]

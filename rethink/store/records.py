@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 from rethink.errors import UserError
 from rethink.spec import RunSpec
-from rethink.store import Store, run_key
+from rethink.store.base import Store
+from rethink.store.runs import RECORD_FILES, run_key
 
 FORMAT = "rethink-records-1"
-RECORD_FILES = ("spec.json", "metrics.jsonl", "result.json")
 PARTIAL_FILES = ("spec.json", "metrics.jsonl", "checkpoint.pt")
 
 
@@ -83,11 +83,10 @@ class Exported:
 
 
 def export(store: Store, out: str, run_ids: list[str] | None = None, partial_ids: list[str] = (),
-           max_bytes: int | None = None, log=print) -> Exported:  # fmt: skip
+           max_bytes: int | None = None, log=print, revision: str = "unknown") -> Exported:  # fmt: skip
     """Write the finished runs `run_ids` (default: every finished run of the store) into the archive `out`;
-    then, while the archive stays under `max_bytes`, the checkpoints of the runs `partial_ids`."""
-    from rethink.train import git_revision
-
+    then, while the archive stays under `max_bytes`, the checkpoints of the runs `partial_ids`. `revision`:
+    the exporting code's revision, for the manifest."""
     ids = finished_run_ids(store) if run_ids is None else list(run_ids)
     entries: dict[str, bytes] = {}
     runs = []
@@ -119,7 +118,7 @@ def export(store: Store, out: str, run_ids: list[str] | None = None, partial_ids
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": store.where(),
-        "git": git_revision(),
+        "git": revision,
         "runs": runs,
         "partial": partial,
         "files": {name: _sha256(b) for name, b in sorted(entries.items())},

@@ -31,9 +31,7 @@ its result is written and the remaining members are re-stacked without it.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 
@@ -41,66 +39,30 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-from rethink.corruptions import corrupt_labels
-from rethink.data import Cifar10, preprocess, random_offsets
-from rethink.errors import UserError
+from rethink.data.cifar import Cifar10
+from rethink.data.corruptions import corrupt_labels
+from rethink.data.device import epoch_order as run_epoch_order
+from rethink.data.device import prepare_data
+from rethink.data.preprocess import preprocess
 from rethink.models import build_model, decayed_parameter_names
 from rethink.spec import RunSpec
-from rethink.store import Store, run_key
-from rethink.train import (
-    CHECKPOINT_FORMAT,
+from rethink.store import Store
+from rethink.store.runs import run_state, write_metrics, write_spec
+from rethink.summary import epoch_record, stop_reason
+from rethink.training.checkpoint import checkpoint, checkpoint_position, load_checkpoint, save_checkpoint
+from rethink.training.grouping import check_packable
+from rethink.training.loop import (
     EpochSteps,
-    ExecOptions,
     OutOfTime,
     Preempted,
-    _amp,
-    _load_checkpoint,
-    _save_checkpoint,
-    _SigtermFlag,
-    _write_metrics,
-    checkpoint_position,
-    environment,
-    epoch_record,
-    epoch_seed,
-    make_sgd,
-    prepare_data,
-    prepare_device,
-    read_result,
-    resolve_device,
+    SigtermFlag,
+    finish_run,
     scale_invariant_weights,
     seed_dropout,
-    stop_reason,
-    summarize,
-    train_run,
 )
-
-# Runs may share a pack when these agree: one architecture, one schedule, one data set and subset.
-PACK_FIELDS = ("model", "lr", "momentum", "lr_decay", "batch_size", "epochs", "dropout", "dataset",
-               "train_subset", "test_subset", "track_norms", "version")  # fmt: skip
-
-
-def pack_key(spec: RunSpec) -> tuple:
-    return tuple(getattr(spec, f) for f in PACK_FIELDS)
-
-
-def group_packs(specs: list[RunSpec], k: int) -> list[list[RunSpec]]:
-    """Split specs into packs of at most k compatible runs: by first appearance of each kind, in spec order."""
-    if k < 1:
-        raise UserError(f"--pack must be at least 1, got {k}")
-    kinds: dict[tuple, list[RunSpec]] = {}
-    for s in specs:
-        kinds.setdefault(pack_key(s), []).append(s)
-    return [group[i : i + k] for group in kinds.values() for i in range(0, len(group), k)]
-
-
-def suite_pack(specs: list[RunSpec], k: int, index: int) -> list[RunSpec]:
-    """Pack number `index` of `group_packs(specs, k)`, with a clear error when it does not exist."""
-    packs = group_packs(specs, k)
-    if not 0 <= index < len(packs):
-        raise UserError(f"--pack-index {index} is out of range: the suite has {len(packs)} packs of <= {k} runs "
-                        "(see rethink plan --pack K)")  # fmt: skip
-    return packs[index]
-
+from rethink.training.optim import make_sgd
+from rethink.training.options import ExecOptions, prepare_device
+from rethink.training.trainer import train_run
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -194,15 +156,11 @@ def prepare_pack_data(specs: list[RunSpec], data: Cifar10, device: torch.device)
 
 def epoch_order(specs: list[RunSpec], epoch: int, n: int, device: torch.device):
     """Each member's data order [K, n] and crop offsets [K, n, 2] (None: nobody crops), as the trainer draws them."""
-    perms, offsets = [], []
-    for s in specs:
-        g = torch.Generator(device=device)
-        g.manual_seed(epoch_seed(s.seed, epoch))
-        perms.append(torch.randperm(n, generator=g, device=device))
-        offsets.append(random_offsets(n, g, device) if s.random_crop else torch.zeros(n, 2, dtype=torch.long,
-                                                                                        device=device))
-    crops = any(s.random_crop for s in specs)
-    return torch.stack(perms), (torch.stack(offsets) if crops else None)
+    orders = [run_epoch_order(s.seed, epoch, n, s.random_crop, device) for s in specs]
+    if not any(s.random_crop for s in specs):
+        return torch.stack([p for p, _ in orders]), None
+    no_crop = torch.zeros(n, 2, dtype=torch.long, device=device)
+    return torch.stack([p for p, _ in orders]), torch.stack([o if o is not None else no_crop for _, o in orders])
 
 
 def train_batch(pd: PackData, perm: torch.Tensor, offsets: torch.Tensor | None, b: int, bs: int):
@@ -344,11 +302,6 @@ class PackedModel:
         return {n: self.momentum[n][k].to("cpu", copy=True) for n in self.param_names}
 
 
-def optimizer_state(momentum: dict | None) -> dict:
-    """The trainer's optimizer entry (train.MomentumSGD.state_dict) for these buffers (None: before a step)."""
-    return {"momentum_buffers": momentum or {}}
-
-
 # ---------------------------------------------------------------------------------------------- members
 
 
@@ -374,7 +327,7 @@ class _Member:
         return (self.epoch, self.batch)
 
 
-def _fresh_state(spec: RunSpec) -> dict:
+def fresh_state(spec: RunSpec) -> dict:
     torch.manual_seed(spec.seed)  # as the trainer: the run's seed, then the model
     return {k: v.detach().clone() for k, v in build_model(spec.model, dropout=spec.dropout).state_dict().items()}
 
@@ -382,7 +335,7 @@ def _fresh_state(spec: RunSpec) -> dict:
 def _load_member(spec: RunSpec, store: Store, n_batches: int, log) -> _Member:
     """The member's state from its checkpoint (validated as the trainer validates it), else a fresh one."""
     template = build_model(spec.model, dropout=spec.dropout)
-    member = _Member(spec, model=_fresh_state(spec), momentum=None, metrics=[])
+    member = _Member(spec, model=fresh_state(spec), momentum=None, metrics=[])
 
     def restore(ckpt: dict) -> None:
         c_epoch, c_batch, c_step, c_metrics = checkpoint_position(ckpt, spec, n_batches)
@@ -402,23 +355,13 @@ def _load_member(spec: RunSpec, store: Store, n_batches: int, log) -> _Member:
         member.grad_sq_sum = float(ckpt["grad_sq_sum"])
         member.elapsed, member.rng = float(ckpt["elapsed_in_epoch"]), rng
 
-    ckpt, member.rotate = _load_checkpoint(store, spec.run_id, restore, log)
+    ckpt, member.rotate = load_checkpoint(store, spec.run_id, restore, log)
     if ckpt is not None:
         log(f"run {spec.run_id}: resuming at epoch {member.epoch + 1}, batch {member.batch} (step {member.step})")
-    elif store.exists(run_key(spec.run_id, "checkpoint.pt")) or store.exists(run_key(spec.run_id, "checkpoint.prev.pt")):
-        log(f"run {spec.run_id}: no usable checkpoint; starting over")
     return member
 
 
 # ---------------------------------------------------------------------------------------------- the pack
-
-
-def check_packable(specs: list[RunSpec]) -> None:
-    keys = {pack_key(s) for s in specs}
-    if len(keys) > 1:
-        raise UserError("runs in one pack must share " + ", ".join(PACK_FIELDS) + "; use group_packs to split them")
-    if len({s.run_id for s in specs}) != len(specs):
-        raise UserError("a pack lists the same run twice")
 
 
 def train_pack(specs: list[RunSpec], store: Store, data: Cifar10, opts: ExecOptions | None = None,
@@ -430,9 +373,9 @@ def train_pack(specs: list[RunSpec], store: Store, data: Cifar10, opts: ExecOpti
     results: dict[str, dict] = {}
     todo = []
     for s in specs:
-        done = read_result(store, s.run_id, log)
-        if done is not None:
-            results[s.run_id] = done
+        done = run_state(store, s)
+        if done.finished:
+            results[s.run_id] = done.result
         else:
             todo.append(s)
     if len(specs) > 1 and results:
@@ -443,7 +386,7 @@ def train_pack(specs: list[RunSpec], store: Store, data: Cifar10, opts: ExecOpti
         return results
     # SIGTERM is caught from the start, as the trainer does: one arriving while data loads stops the pack at
     # its first step boundary, checkpoints written.
-    with _SigtermFlag() as sigterm:
+    with SigtermFlag() as sigterm:
         n = len(data.train_y[: todo[0].train_subset])
         n_batches = math.ceil(n / todo[0].batch_size)
         members = [_load_member(s, store, n_batches, log) for s in todo]
@@ -463,50 +406,30 @@ def train_pack(specs: list[RunSpec], store: Store, data: Cifar10, opts: ExecOpti
     return {s.run_id: results[s.run_id] for s in specs}
 
 
-def _save_member(store: Store, pm: PackedModel, k: int, member: _Member, device, lr: float, batch: int,
-                 step: int, epoch: int, loss_sum, grad_sq_sum, t_epoch: float) -> None:  # fmt: skip
+def _save_member(store: Store, pm: PackedModel, k: int, member: _Member, device, batch: int, step: int,
+                 epoch: int, loss_sum, grad_sq_sum, t_epoch: float) -> None:  # fmt: skip
     """Member k's checkpoint, in the unpacked trainer's format."""
-    spec = member.spec
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "run_id": spec.run_id,
-        "spec": spec.canonical_json(),
-        "epoch": epoch,
-        "batch": batch,
-        "step": step,
-        "model": pm.member_state(k),
-        "optimizer": optimizer_state(pm.member_momentum(k)),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-        },
-        "loss_sum": loss_sum.detach().to("cpu", copy=True),
-        "grad_sq_sum": grad_sq_sum.detach().to("cpu", copy=True),
-        "elapsed_in_epoch": t_epoch,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "metrics": json.dumps(member.metrics),
-    }
-    _save_checkpoint(store, spec.run_id, state, member.rotate)
+    state = checkpoint(member.spec, device, epoch=epoch, batch=batch, step=step, model=pm.member_state(k),
+                       momentum=pm.member_momentum(k), loss_sum=loss_sum, grad_sq_sum=grad_sq_sum, elapsed=t_epoch,
+                       metrics=member.metrics)  # fmt: skip
+    save_checkpoint(store, member.spec.run_id, state, member.rotate)
     member.rotate = True
 
 
 def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: ExecOptions,
-                    compile_mode: str | None, sigterm: _SigtermFlag) -> dict[str, dict]:  # fmt: skip
+                    compile_mode: str | None, sigterm: SigtermFlag) -> dict[str, dict]:  # fmt: skip
     """Train members that stand at the same position as one packed model, to the end of each."""
     log = opts.log
-    device = resolve_device(opts.device)
+    ex = opts.resolve()
+    device, amp = ex.device, ex.amp
     prepare_device(device)
-    amp = _amp(opts, device)
     spec0 = members[0].spec
-    env = environment(device, opts)
+    env = ex.environment()
     env["channels_last"] = False  # a packed model runs 5-d batches; channels_last does not apply
     env["pack"] = {"size": len(members), "run_ids": [m.spec.run_id for m in members]}
     for m in members:
-        key = run_key(m.spec.run_id, "spec.json")
-        if not store.exists(key):
-            store.write_text(key, json.dumps(m.spec.to_dict(), indent=2, sort_keys=True) + "\n")
-        _write_metrics(store, m.spec.run_id, m.metrics)  # drop any line written after the checkpoint
+        write_spec(store, m.spec)
+        write_metrics(store, m.spec.run_id, m.metrics)  # drop any line written after the checkpoint
 
     pd = prepare_pack_data([m.spec for m in members], data, device)
     momentum = [m.momentum for m in members] if members[0].momentum is not None else None
@@ -519,8 +442,7 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
     grad_sq_sum = torch.tensor([m.grad_sq_sum for m in members], device=device, dtype=torch.float64)
     elapsed = [m.elapsed for m in members]
     rng_state = members[0].rng
-    eval_batch = opts.eval_batch or (4096 if device.type == "cuda" else 1000)
-    progress = opts.progress if opts.progress is not None else sys.stderr.isatty()
+    eval_batch, progress = ex.eval_batch, ex.progress
     results: dict[str, dict] = {}
     log(f"pack of {len(members)} {spec0.model} runs: {n} train / {pd.m} test images each on {device}; "
         f"results in {store.where('runs')}/<run id>")  # fmt: skip
@@ -533,7 +455,7 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
 
     def save_all(batch: int, t: float) -> None:
         for k, m in enumerate(members):
-            _save_member(store, pm, k, m, device, lr, batch, step, epoch, loss_sum[k], grad_sq_sum[k], elapsed[k] + t)
+            _save_member(store, pm, k, m, device, batch, step, epoch, loss_sum[k], grad_sq_sum[k], elapsed[k] + t)
 
     while members:
         specs = [m.spec for m in members]
@@ -574,15 +496,11 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
         for k, (m, v) in enumerate(zip(members, vals)):
             rec = epoch_record(epoch, step, lr, v, n, pd.m, elapsed[k] + t_epoch, elapsed[k] + t_train)
             m.metrics.append(rec)
-            _write_metrics(store, m.spec.run_id, m.metrics)
+            write_metrics(store, m.spec.run_id, m.metrics)
             stopped = stop_reason(m.spec, rec)
             if stopped != "cap" or epoch == m.spec.epochs:
-                result = summarize(m.spec, m.metrics, stopped, env, data.provenance())
-                store.write_text(run_key(m.spec.run_id, "result.json"), json.dumps(result, indent=2) + "\n")
-                store.delete(run_key(m.spec.run_id, "error.json"))
-                results[m.spec.run_id] = result
-                log(f"run {m.spec.run_id} finished ({stopped}) in a pack: train acc "
-                    f"{result['final_train_acc']:.4f}, test acc {result['final_test_acc']:.4f}")  # fmt: skip
+                results[m.spec.run_id] = finish_run(store, m.spec, m.metrics, stopped, env, data.provenance(), log,
+                                                    " in a pack")  # fmt: skip
             else:
                 keep.append(k)
         batch_start = 0

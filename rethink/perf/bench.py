@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -25,24 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rethink.data import Cifar10
+from rethink.data.cifar import Cifar10
 from rethink.errors import UserError
 from rethink.models import MODELS, build_model
+from rethink.perf.peaks import cpu_name, device_peak
 from rethink.spec import RunSpec
 
 EPOCH_TRAIN, EPOCH_EVAL = 50_000, 60_000  # a CIFAR-10 epoch: train on 50k, then evaluate 50k train + 10k test
-
-# Dense data-sheet peaks in TFLOP/s: (name fragment, label, bf16 tensor-core, fp32 without tensor cores).
-# First match wins, so the more specific names come first.
-GPU_PEAKS = (
-    ("H200", "NVIDIA H200", 989.0, 66.9),
-    ("H100 PCIe", "NVIDIA H100 PCIe", 756.0, 51.2),
-    ("H100 NVL", "NVIDIA H100 NVL", 835.0, 60.0),
-    ("H100", "NVIDIA H100 SXM", 989.0, 66.9),
-    ("A100", "NVIDIA A100", 312.0, 19.5),
-    ("L40S", "NVIDIA L40S", 362.0, 91.6),
-    ("L4", "NVIDIA L4", 121.0, 30.3),
-)
 
 # Fields of `rethink bench --json` (documented in docs/performance.md).
 FIELDS = (
@@ -56,45 +44,6 @@ FIELDS = (
 
 
 # ---------------------------------------------------------------------------------------------- pieces
-
-
-def device_peak(device: torch.device, amp: bool) -> tuple[float | None, str]:
-    """(peak TFLOP/s or None, which figure that is) for the precision the run computes in."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for fragment, label, bf16, fp32 in GPU_PEAKS:
-            if fragment in name:
-                if amp:
-                    return bf16, f"{label} bf16 dense (data sheet)"
-                return fp32, f"{label} fp32 without tensor cores (data sheet; cuDNN may run convolutions in TF32)"
-        return None, f"unknown ({name} is not in bench.GPU_PEAKS)"
-    return cpu_peak()
-
-
-def cpu_name() -> str:
-    """The CPU's model name and logical CPU count, e.g. 'AMD EPYC (2 CPUs)'."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "cpu"
-    return f"{name} ({os.cpu_count()} CPUs)"
-
-
-def cpu_peak() -> tuple[float | None, str]:
-    """A rough fp32 peak: threads x clock x FLOP per cycle (two FMA units of the widest vectors)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None, "unknown (no /proc/cpuinfo)"
-    mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
-    per_cycle = 64 if "avx512f" in flags else 32 if "fma" in flags else 8
-    if not mhz:
-        return None, "unknown (no clock in /proc/cpuinfo)"
-    threads = torch.get_num_threads()
-    peak = threads * max(mhz) / 1e3 * per_cycle / 1e3
-    return peak, (f"rough CPU fp32 estimate: {threads} threads x {max(mhz) / 1e3:.2f} GHz x {per_cycle} FLOP/cycle")
 
 
 def flops_per_image(name: str, batch: int = 2) -> tuple[float, float]:
@@ -155,17 +104,11 @@ class Timer:
 def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: bool, channels_last: bool,
                     compile: bool, compile_mode: str | None, warmup: int, steps: int, eval_batch: int) -> dict:  # fmt: skip
     """Steady-state rates of the unpacked trainer's step and evaluation (the body of train.train_run's loop)."""
-    from rethink.cpu_linear import use_onednn_linears
-    from rethink.data import random_offsets
-    from rethink.train import (
-        batch_inputs,
-        epoch_seed,
-        evaluate,
-        make_sgd,
-        prepare_data,
-        prepare_device,
-        sgd_step,
-    )
+    from rethink.data.device import batch_inputs, epoch_order, prepare_data
+    from rethink.training.cpu import use_onednn_linears
+    from rethink.training.loop import evaluate, sgd_step
+    from rethink.training.optim import make_sgd
+    from rethink.training.options import prepare_device
 
     prepare_device(device)  # as train_run does
     dd = prepare_data(spec, data, device)
@@ -176,7 +119,7 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
         use_onednn_linears(model)  # as train_run does by default
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    opt = make_sgd(model, spec, device)
+    opt = make_sgd(model, spec)
     compiled = torch.compile(model, mode=compile_mode) if compile else model
     n, bs = dd.n_train, spec.batch_size
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -184,10 +127,7 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
 
     def new_epoch():
         order["epoch"] += 1
-        g = torch.Generator(device=device)
-        g.manual_seed(epoch_seed(spec.seed, order["epoch"]))
-        order["perm"] = torch.randperm(n, generator=g, device=device)
-        order["offsets"] = random_offsets(n, g, device) if spec.random_crop else None
+        order["perm"], order["offsets"] = epoch_order(spec.seed, order["epoch"], n, spec.random_crop, device)
 
     def step(b: int):
         nonlocal loss_sum
@@ -205,12 +145,12 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
 def measure_pack(specs: list[RunSpec], data: Cifar10, device: torch.device, amp: bool, compile: bool,
                  compile_mode: str | None, warmup: int, steps: int, eval_batch: int) -> dict:  # fmt: skip
     """Steady-state rates of a pack's step and evaluation (the body of pack.train_pack's loop)."""
-    from rethink.pack import PackedModel, _fresh_state, epoch_order, prepare_pack_data, train_batch
-    from rethink.train import prepare_device
+    from rethink.training.options import prepare_device
+    from rethink.training.packed import PackedModel, epoch_order, fresh_state, prepare_pack_data, train_batch
 
     prepare_device(device)  # as train_run does
     pd = prepare_pack_data(specs, data, device)
-    pm = PackedModel(specs[0].model, 0.0, [_fresh_state(s) for s in specs], device, compile=compile,
+    pm = PackedModel(specs[0].model, 0.0, [fresh_state(s) for s in specs], device, compile=compile,
                      compile_mode=compile_mode)  # fmt: skip
     spec = specs[0]
     bs = spec.batch_size
@@ -269,9 +209,11 @@ def measure_epochs(specs: list[RunSpec], data: Cifar10, device_name: str, amp: b
     """1 + `epochs` epochs of the real trainer (K = 1) or pack (K > 1) in a temporary store; its own clocks."""
     import tempfile
 
-    from rethink.pack import train_pack
     from rethink.store import LocalStore
-    from rethink.train import ExecOptions, read_metrics, train_run
+    from rethink.store.runs import read_metrics
+    from rethink.training.options import ExecOptions
+    from rethink.training.packed import train_pack
+    from rethink.training.trainer import train_run
 
     specs = [s.replace(epochs=1 + epochs) for s in specs]
     opts = ExecOptions(device=device_name, amp=amp, compile=compile, progress=False, log=lambda m: None)
@@ -290,7 +232,7 @@ def measure_epochs(specs: list[RunSpec], data: Cifar10, device_name: str, amp: b
 
 def baseline_data(data: Cifar10, data_dir: str | None, n_train: int, n_test: int):
     """The arrays the baseline's Dataset holds: read from the files again when there are files."""
-    from rethink.baseline import Cifar10Images
+    from rethink.perf.baseline import Cifar10Images
 
     if data_dir is None:
         return data.train_x[:n_train], data.train_y[:n_train], data.test_x[:n_test], data.test_y[:n_test]
@@ -314,7 +256,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
           train_images: int | None = None, test_images: int | None = None, log=print) -> dict:  # fmt: skip
     """Measure one configuration; the record `rethink bench --json` prints."""
     import rethink
-    from rethink.train import resolve_device
+    from rethink.training.options import resolve_device
 
     if model not in MODELS:
         raise UserError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
@@ -328,7 +270,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
     if test_images is None:
         test_images = 10_000 if epochs else max(batch_size, train_images // 5)
     if data_dir is not None:
-        from rethink.data import load_cifar10
+        from rethink.data.cifar import load_cifar10
 
         data = load_cifar10(data_dir, download=False)
         train_images, test_images = min(train_images, len(data.train_y)), min(test_images, len(data.test_y))
@@ -342,7 +284,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
         f"{warmup} warm-up + {steps} timed steps of {batch_size} on {train_images} / {test_images} images")  # fmt: skip
     b = None
     if baseline:  # first: the trainer's process-wide CPU allocator tuning must not help the baseline
-        from rethink import baseline as typical
+        from rethink.perf import baseline as typical
 
         log(f"bench {model}: the typical pipeline ({workers} DataLoader workers, eager fp32)")
         arrays = baseline_data(data, data_dir, train_images, test_images)
@@ -539,7 +481,9 @@ def precision_agreement(data: Cifar10, specs: list[RunSpec], device: str, workdi
     The gate for making bf16 a default (docs/protocol.md): until this agrees on a GPU, runs train in float32.
     """
     from rethink.store import LocalStore
-    from rethink.train import ACC_THRESHOLDS, ExecOptions, train_run
+    from rethink.summary import ACC_THRESHOLDS
+    from rethink.training.options import ExecOptions
+    from rethink.training.trainer import train_run
 
     rows = []
     for spec in specs:
@@ -608,7 +552,7 @@ if __name__ == "__main__":
         # precision DATA_DIR DEVICE EPOCHS TRAIN_IMAGES OUT.json
         import tempfile
 
-        from rethink.data import load_cifar10
+        from rethink.data.cifar import load_cifar10
 
         _, _, data_dir, device, epochs, n, out = sys.argv
         data = load_cifar10(data_dir, verify=False, download=False)
@@ -620,6 +564,6 @@ if __name__ == "__main__":
               f"{report['max_abs_train_acc_diff_pp']:.2f} pp, epochs to 99% {report['max_abs_epoch_diff']['0.99']}; "
               f"{out}")  # fmt: skip
     else:
-        print("usage: python -m rethink.bench summarize DIR_OR_JSONL | collect DIR OUT.jsonl | precision DATA_DIR "
+        print("usage: python -m rethink.perf.bench summarize DIR_OR_JSONL | collect DIR OUT.jsonl | precision DATA_DIR "
               "DEVICE EPOCHS TRAIN_IMAGES OUT.json", file=sys.stderr)  # fmt: skip
         sys.exit(2)

@@ -1,0 +1,297 @@
+"""The `rethink` commands: each handler turns parsed arguments into typed calls of the package."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rethink.cli.options import (
+    data_dir_of,
+    dataset_of,
+    exec_options,
+    load_data,
+    selection_of,
+    suite_options,
+    suite_specs,
+)
+from rethink.errors import UserError
+
+
+def cmd_models(args) -> int:
+    from rethink.models import model_table
+
+    rows = model_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<16}{'model':<32}{'params':>12}{'paper':>12}  input")
+    for r in rows:
+        mark = "" if r["params"] == r["paper_params"] else "  MISMATCH"
+        shape = "x".join(map(str, r["input_shape"]))
+        print(f"{r['name']:<16}{r['display']:<32}{r['params']:>12,}{r['paper_params']:>12,}  {shape}{mark}")
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from rethink.data.synthetic import write_synthetic
+
+    root = write_synthetic(args.out, args.train, args.test, args.seed)
+    print(f"wrote a SYNTHETIC data set (not CIFAR-10) in the official format: {root} "
+          f"({args.train} train / {args.test} test images, seed {args.seed})")  # fmt: skip
+    return 0
+
+
+def cmd_data_push(args) -> int:
+    from rethink.data.archive import push
+    from rethink.store import open_store
+
+    if args.synthetic:
+        print("synthetic data: nothing to push (every pod generates the same deterministic synthetic set itself)")
+        return 0
+    push(open_store(args.store), args.data_dir)
+    return 0
+
+
+def spec_from_args(args, dataset: str):
+    from rethink.spec import RunSpec
+
+    if args.spec:
+        try:
+            text = Path(args.spec).read_text()
+        except OSError as e:
+            raise UserError(f"cannot read spec file {args.spec}: {e.strerror}") from None
+        return RunSpec.from_json(text)
+    return RunSpec(
+        model=args.model,
+        labels=args.labels,
+        pixels=args.pixels,
+        weight_decay=args.weight_decay,
+        random_crop=args.random_crop,
+        dropout=args.dropout,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        epochs=100 if args.epochs is None else args.epochs,
+        target_train_acc=args.target_acc,
+        seed=args.seed,
+        dataset=dataset,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+    )
+
+
+def cmd_train(args) -> int:
+    from rethink.store import open_store
+    from rethink.store.runs import run_state
+    from rethink.training.trainer import train_run
+
+    if args.pack_index is not None or args.pack != 1:
+        return _train_pack(args)
+    if args.suite is not None or args.index is not None:
+        if args.suite is None or args.index is None:
+            raise UserError("--suite and --index go together: rethink train --suite S --index I")
+        specs = suite_specs(args, selected=False)  # the index is into the whole suite, as pods count
+        if not 0 <= args.index < len(specs):
+            raise UserError(f"--index {args.index} is out of range: suite {args.suite} has {len(specs)} runs")
+        spec = specs[args.index]
+    elif not args.spec and not args.model:
+        raise UserError("rethink train needs --model M, --spec FILE or --suite S --index I; see rethink train --help")
+    else:
+        spec = spec_from_args(args, dataset_of(args))
+    store = open_store(args.store)
+    print(f"run {spec.run_id}: {spec.label()} -> {store.where('runs/' + spec.run_id)}", flush=True)
+    if run_state(store, spec).finished:  # no need to load (or download) any data
+        print(f"run {spec.run_id} is already finished: {store.where(f'runs/{spec.run_id}/result.json')}")
+        return 0
+    data = load_data(args)
+    train_run(spec, store, data, exec_options(args))
+    return 0
+
+
+def _train_pack(args) -> int:
+    """`rethink train --suite S --pack K --pack-index J`: one pack of a suite, as a cluster pod trains it."""
+    from rethink.store import open_store
+    from rethink.store.runs import run_state
+    from rethink.training.grouping import suite_pack
+    from rethink.training.packed import train_pack
+
+    if args.suite is None or args.pack_index is None or args.index is not None:
+        raise UserError("--pack goes with --suite S --pack-index J (not --index): rethink train --suite S --pack K "
+                        "--pack-index J; see rethink plan --suite S --pack K")  # fmt: skip
+    pack = suite_pack(suite_specs(args, selected=False), args.pack, args.pack_index)
+    store = open_store(args.store)
+    todo = [s for s in pack if not run_state(store, s).finished]
+    print(f"pack {args.pack_index}: {len(pack)} {pack[0].model} runs, {len(pack) - len(todo)} already finished -> "
+          f"{store.where('runs')}", flush=True)  # fmt: skip
+    if todo:  # a finished pack needs no data
+        train_pack(pack, store, load_data(args), exec_options(args))
+    return 0
+
+
+def cmd_suites(args) -> int:
+    from rethink.suites import SUITES, Options, estimate_seconds, expand
+
+    print(f"{'suite':<14}{'runs':>6}{'GPU h (est.)':>14}{'CPU h (est.)':>14}  description")
+    for name, suite in SUITES.items():
+        specs = expand(name, Options(seeds=args.seeds))
+        gpu, cpu = estimate_seconds(specs, "gpu") / 3600, estimate_seconds(specs, "cpu") / 3600
+        note = "" if suite.in_full or name == "full" else " [not in full]"
+        print(f"{name:<14}{len(specs):>6}{gpu:>14.2f}{cpu:>14.2f}  {suite.description}{note}")
+    print("\nestimates: every run to its epoch cap (the paper's protocol; --stop-at-acc finishes sooner); "
+          "GPU: one H100, float32 targets until measured; CPU: this project's 2-core machine (docs/performance.md)")
+    print("not training suites, so not listed (own cost and hardware): `rethink expressivity` (Section 4, CPU, "
+          "seconds) and `rethink kernel` (Section 5, a 50k x 50k kernel solve: a large GPU for the full set)")  # fmt: skip
+    return 0
+
+
+def cmd_plan(args) -> int:
+    everything = suite_specs(args, selected=False)
+    selection = selection_of(args)
+    if args.pack is not None:
+        if selection is not None:
+            raise UserError("plan --pack lists the packs pods train, of the whole suite: drop --models/--labels/"
+                            "--pixels (rethink run --pack K takes them)")  # fmt: skip
+        return _plan_packs(args, everything)
+    # Indices stay those of the whole suite: `rethink train --suite S --index I` trains row I.
+    rows = [(i, s) for i, s in enumerate(everything) if selection is None or s in selection]
+    if args.json:
+        print(json.dumps([{"index": i, "run_id": s.run_id, "model": s.model, "labels": s.labels,
+                           "pixels": s.pixels, "tags": list(s.tags), "spec": s.to_dict()} for i, s in rows],
+                         indent=2))  # fmt: skip
+        return 0
+    print(f"{'#':>4}  {'run id':<12}  {'tags':<26} run")
+    for i, s in rows:
+        print(f"{i:>4}  {s.run_id:<12}  {','.join(s.tags)[:26]:<26} {s.label()} (<= {s.epochs} epochs)")
+    print(f"{len(rows)} runs" + ("" if selection is None else f" of {len(everything)} ({selection.describe()})"))
+    return 0
+
+
+def _plan_packs(args, specs) -> int:
+    """The packs `rethink train --suite S --pack K --pack-index J` trains, J = 0, 1, ..."""
+    from rethink.training.grouping import group_packs
+
+    packs = group_packs(specs, args.pack)
+    index = {s.run_id: i for i, s in enumerate(specs)}
+    if args.json:
+        rows = [{"pack_index": j, "size": len(p), "model": p[0].model, "epochs": p[0].epochs,
+                 "run_ids": [s.run_id for s in p], "indices": [index[s.run_id] for s in p]}
+                for j, p in enumerate(packs)]  # fmt: skip
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'pack':>4}  {'runs':>4}  {'model':<16} run ids")
+    for j, p in enumerate(packs):
+        print(f"{j:>4}  {len(p):>4}  {p[0].model:<16} {' '.join(s.run_id for s in p)}")
+    print(f"{len(packs)} packs of <= {args.pack} runs ({len(specs)} runs)")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from rethink.store import open_store
+    from rethink.store.runs import run_state
+
+    store = open_store(args.store)
+    counts: dict[str, int] = {}
+    for s in suite_specs(args):
+        st = run_state(store, s)
+        counts[st.state] = counts.get(st.state, 0) + 1
+        print(f"{s.run_id}  {st.state:<12} {s.label():<48} {st.detail}")
+    print(", ".join(f"{n} {state}" for state, n in counts.items()) + f" ({store.where()})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from rethink.revision import git_revision
+    from rethink.store import open_store
+    from rethink.store.records import export, finished_run_ids
+    from rethink.store.runs import run_state
+
+    store = open_store(args.store)
+    partial = []
+    if args.suite is None:
+        if selection_of(args) is not None:
+            raise UserError("--models/--labels/--pixels select part of a suite: give --suite S too")
+        ids = finished_run_ids(store)
+    else:
+        specs = suite_specs(args)
+        states = {s.run_id: run_state(store, s).state for s in specs}
+        ids = [s.run_id for s in specs if states[s.run_id] == "finished"]
+        partial = [s.run_id for s in specs if states[s.run_id] == "partial"] if args.partial_checkpoints else []
+    if args.exclude_store:
+        already = set(finished_run_ids(open_store(args.exclude_store)))
+        ids = [i for i in ids if i not in already]
+    export(store, args.out, ids, partial, max_bytes=args.max_size, revision=git_revision())
+    return 0
+
+
+def cmd_import(args) -> int:
+    from rethink.store import open_store
+    from rethink.store.records import import_archive
+
+    import_archive(args.archive, open_store(args.store), with_checkpoints=args.with_checkpoints)
+    return 0
+
+
+def cmd_run(args) -> int:
+    import time
+
+    from rethink.runner import DataSource, run_specs
+
+    opts = exec_options(args)
+    if args.time_budget is not None:
+        opts.deadline = opts.clock() + args.time_budget  # counted from the command's start
+    specs = suite_specs(args)
+    source = DataSource(str(data_dir_of(args)), verify=not args.no_verify_data)
+    t0 = time.monotonic()
+    outcome = run_specs(specs, args.store, source, opts, jobs=args.jobs, pack=args.pack)
+    failures = outcome.failures
+    if outcome.budget_spent:
+        print(f"time budget of {args.time_budget:g} s spent after {time.monotonic() - t0:.0f} s: "
+              f"{len(outcome.trained)} runs finished, {len(outcome.partial)} partial (checkpointed: "
+              f"{' '.join(outcome.partial) or 'none'}), {len(outcome.not_started)} not started; the same command "
+              "resumes them", flush=True)  # fmt: skip
+        if not args.no_aggregate:
+            print("report not rendered (the budget is spent): rethink aggregate with the same options renders it")
+    elif not args.no_aggregate:
+        _aggregate(args)
+    if failures:
+        print(f"rethink: {len(failures)} of {len(specs)} runs failed:", file=sys.stderr)
+        for rid, message in failures.items():
+            print(f"  {rid}: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _aggregate(args) -> None:
+    from rethink.report.aggregate import aggregate
+    from rethink.report.kit import OVERFIT_THRESHOLD
+    from rethink.store import open_store
+
+    threshold = getattr(args, "overfit_threshold", None) or OVERFIT_THRESHOLD
+    written = aggregate(open_store(args.store), args.suite, suite_options(args), log=lambda m: print(m, flush=True),
+                        overfit_threshold=threshold, selection=selection_of(args))  # fmt: skip
+    for key in written:
+        if key.endswith("report.html"):
+            print(f"report: {open_store(args.store).where(key)}")
+
+
+def cmd_aggregate(args) -> int:
+    _aggregate(args)
+    return 0
+
+
+def cmd_expressivity(args) -> int:
+    from rethink.experiments.expressivity import run_and_report
+
+    return run_and_report(load_data(args), args)
+
+
+def cmd_kernel(args) -> int:
+    from rethink.experiments.kernel import run_and_report
+
+    return run_and_report(load_data(args), args)
+
+
+def cmd_bench(args) -> int:
+    from rethink.perf.bench import run_cli
+
+    return run_cli(args)

@@ -1,0 +1,210 @@
+"""The command line's shared pieces: the parser and help formatter, every option group declared once, and the
+functions that turn parsed arguments into typed values (data, execution options, suite options, selection)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from rethink.data.synthetic import DEFAULT_SIZE
+from rethink.store import DEFAULT_STORE
+
+DEFAULT_DATA_DIR = "./data"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's help states its default; a help text that already explains its default keeps its words."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):  # the word, in lower case: not AWS_DEFAULT_REGION
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad input gives the error and where to look, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\nsee '{self.prog} --help'\n")
+
+
+def subcommand(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
+
+
+# ---------------------------------------------------------------------------------------------- option groups
+
+
+def add_store_option(p: argparse.ArgumentParser, default: str | None = DEFAULT_STORE, help: str | None = None) -> None:
+    p.add_argument("--store", default=default,
+                   help=help or "where runs live: a directory, file://PATH or s3://bucket/prefix")  # fmt: skip
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                   help="directory holding cifar-10-batches-py/ (downloaded there when missing)")
+    p.add_argument("--synthetic", action="store_true",
+                   help=f"use synthetic data in DATA_DIR/synthetic (created, {DEFAULT_SIZE[0]} train / "
+                        f"{DEFAULT_SIZE[1]} test images, when missing) instead of CIFAR-10")
+    p.add_argument("--no-verify-data", action="store_true", help="skip the md5 check of the CIFAR-10 files")  # fmt: skip
+
+
+def add_exec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    add_store_option(p)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast for the training steps (CUDA); default off: float32 (TF32 on CUDA) until "
+                        "bench/gpu.sh has shown bf16 and float32 runs agree; evaluation is float32 either way")
+    p.add_argument("--no-onednn", action="store_true",
+                   help="on the CPU, run fully connected layers through PyTorch's default BLAS instead of oneDNN "
+                        "(default: oneDNN, ~2x faster on some CPUs; same function up to rounding)")  # fmt: skip
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                   help="also checkpoint mid-epoch when this many minutes passed since the last checkpoint")  # fmt: skip
+
+
+def add_suite_options(p: argparse.ArgumentParser, required: bool = True, selectable: bool = True) -> None:
+    p.add_argument("--suite", required=required, default=None,
+                   help="suite name (see rethink suites)" + ("" if required else "; default: every finished run in the store"))
+    p.add_argument("--seeds", type=int, default=1, help="repeat the suite over this many seeds (0..K-1)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="cap every run at this many epochs (default: the per-model caps, 100 epochs each; "
+                        "smoke: 2)")  # fmt: skip
+    p.add_argument("--smoke", action="store_true",
+                   help="size any suite like the smoke suite: 256 train / 256 test images, 2 epochs unless --epochs")  # fmt: skip
+    p.add_argument("--stop-at-acc", type=fraction, default=None, metavar="ACC",
+                   help="stop each run at the first epoch end with training accuracy >= ACC (e.g. 1.0), for little "
+                        "compute: other runs than the paper's (their accuracies are not after convergence); "
+                        "default: every run trains to its epoch cap")  # fmt: skip
+    if selectable:
+        p.add_argument("--models", default=None, metavar="M[,M...]",
+                       help="only the runs of these models, e.g. mlp-1x512,mlp-3x512 (the MLP part of a suite, for a "
+                            "CPU); default: all models")  # fmt: skip
+        p.add_argument("--labels", dest="select_labels", default=None, metavar="L[,L...]",
+                       help="only runs with these label modes: true, random, partial (any p) or partial:P; "
+                            "default: all")  # fmt: skip
+        p.add_argument("--pixels", dest="select_pixels", default=None, metavar="P[,P...]",
+                       help="only runs with these pixel modes: none, shuffled, random, gaussian; default: all")
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overfit-threshold", type=fraction, default=None, metavar="ACC",
+                   help="Figure 1b's time to overfit: the first epoch end with training accuracy >= ACC "
+                        "(default: 0.99, a level every run of the paper's Table 1 reaches)")  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """'16M', '16MiB', '500k', '1G' or a number of bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:i?B)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size like 16M or 500k, got {text!r}")
+    return int(float(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[m.group(2).lower()])
+
+
+def duration(text: str) -> float:
+    """Seconds in '90s', '9m', '1h30m', '2h', '1.5h'."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text.strip().lower())
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([hms])", "", text.strip().lower()).strip():
+        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 9m or 1h30m, got {text!r}")
+    seconds = sum(float(v) * {"h": 3600, "m": 60, "s": 1}[u] for v, u in parts)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"the time budget must be positive, got {text!r}")
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------- arguments -> values
+
+
+def data_dir_of(args) -> Path:
+    """The data directory the options select (creating the default synthetic set when asked for)."""
+    from rethink.data.cifar import DIRNAME, META_FILE
+    from rethink.data.synthetic import write_synthetic
+
+    base = Path(args.data_dir)
+    if not getattr(args, "synthetic", False):
+        from rethink.data.archive import fetch_if_missing
+        from rethink.store import open_store
+
+        store_url = getattr(args, "store", None)
+        if store_url and not (base / DIRNAME).is_dir():  # a pod's empty data dir: the store's archive first
+            fetch_if_missing(open_store(store_url), base)
+        return base
+    path = base / "synthetic"
+    if not (path / DIRNAME / META_FILE).exists():
+        print(f"creating a synthetic data set in {path} (not CIFAR-10)", file=sys.stderr)
+        write_synthetic(path, *DEFAULT_SIZE, seed=0)
+    return path
+
+
+def dataset_of(args) -> str:
+    """The data set identity the options select, without creating or downloading anything."""
+    from rethink.data.cifar import dataset_identity
+    from rethink.data.synthetic import default_identity
+
+    if getattr(args, "synthetic", False):
+        return default_identity()
+    return dataset_identity(args.data_dir)
+
+
+def load_data(args):
+    from rethink.data.cifar import load_cifar10
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load_cifar10(data_dir_of(args), verify=not args.no_verify_data)
+    if args.no_verify_data and not data.synthetic:
+        print(f"warning: md5 checksums of {data.path} not verified (--no-verify-data)", file=sys.stderr)
+    return data
+
+
+def exec_options(args):
+    from rethink.training.options import ExecOptions
+
+    return ExecOptions(
+        device=args.device,
+        amp=args.amp,
+        compile=args.compile,
+        onednn=False if getattr(args, "no_onednn", False) else None,
+        checkpoint_minutes=args.checkpoint_minutes,
+        log=lambda msg: print(msg, flush=True),
+    )
+
+
+def suite_options(args):
+    from rethink.suites import Options
+
+    return Options(dataset=dataset_of(args), seeds=args.seeds, epochs=args.epochs, smoke=getattr(args, "smoke", False),
+                   target_acc=getattr(args, "stop_at_acc", None))  # fmt: skip
+
+
+def selection_of(args):
+    """The part of the suite --models/--labels/--pixels select (None: all of it)."""
+    from rethink.suites import Selection
+
+    def values(name):
+        text = getattr(args, name, None)
+        return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
+
+    s = Selection(models=values("models"), labels=values("select_labels"), pixels=values("select_pixels"))
+    return None if s.everything else s
+
+
+def suite_specs(args, selected: bool = True):
+    """The suite's runs; with `selected`, only those --models/--labels/--pixels select."""
+    from rethink.suites import expand, select
+
+    specs = expand(args.suite, suite_options(args))
+    return select(specs, selection_of(args)) if selected else specs

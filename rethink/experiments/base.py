@@ -1,0 +1,54 @@
+"""What every experiment is built from: the options a suite is expanded with, one run of a suite, and a
+component (an experiment's runs and its report section)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rethink.spec import EPOCH_CAP, RunSpec
+
+# Weight decay, when a run has it on [choice: the paper does not state the coefficient; docs/protocol.md].
+WEIGHT_DECAY = 5e-4
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a suite is expanded with: the data set, seeds, the epoch cap, and the smoke-sizing overrides."""
+
+    dataset: str = "cifar10"
+    seeds: int = 1
+    epochs: int | None = None  # overrides every run's cap (default: EPOCH_CAP)
+    train_subset: int | None = None
+    test_subset: int | None = None
+    smoke: bool = False  # apply the smoke sizing to any suite, as the `smoke` suite does (--smoke)
+    target_acc: float | None = None  # stop each run at this training accuracy (--stop-at-acc); None: to the cap
+
+    @property
+    def cap(self) -> int:
+        return self.epochs or EPOCH_CAP
+
+
+def suite_spec(o: Options, seed: int, tag: str, model: str, stop_at_target: bool = True, **kw) -> RunSpec:
+    """One run of a suite; it stops early only when the user asked for it (o.target_acc) and `stop_at_target`."""
+    return RunSpec(
+        model=model,
+        epochs=o.cap,
+        target_train_acc=o.target_acc if stop_at_target else None,
+        seed=seed,
+        dataset=o.dataset,
+        train_subset=o.train_subset,
+        test_subset=o.test_subset,
+        tags=(tag,),
+        **kw,
+    )
+
+
+@dataclass(frozen=True)
+class Component:
+    """One figure or table: the runs it needs (a function of the suite's options) and how its report section is
+    rendered from them (report/kit.py's Context -> Section, or None for no section)."""
+
+    name: str
+    runs: Callable[[Options], list[RunSpec]]
+    render: Callable | None = None

@@ -1,0 +1,94 @@
+"""A store in a local directory: atomic writes by temp file, fsync and rename."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from rethink.store.base import Store, StoreError
+
+
+class LocalStore(Store):
+    """A directory; atomic writes by temp file + fsync + rename."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def _error(self, what: str, e: OSError) -> StoreError:
+        return StoreError(f"cannot {what} in store {self.url}: {e.strerror or e} ({e.filename or self.url})")
+
+    def read_bytes(self, key):
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise self._error(f"read {key}", e) from None
+
+    def write_bytes(self, key, data):
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as e:
+            raise self._error(f"write {key}", e) from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600; others may need to read results
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise self._error(f"write {key}", e) from None
+            raise
+        _fsync_dir(path.parent)
+
+    def exists(self, key):
+        return self._path(key).exists()
+
+    def list(self, prefix):
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(
+            str(p.relative_to(self.root)).replace(os.sep, "/")
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.endswith(".tmp")
+        )
+
+    def delete(self, key):
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            raise self._error(f"delete {key}", e) from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would have given the file
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (best effort: not every file system lets a directory be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

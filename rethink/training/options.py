@@ -1,0 +1,107 @@
+"""How a run is executed (not what: that is the spec): the device, precision and speed options, each default
+decided once (`ExecOptions.resolve`), and the environment every result records."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import rethink
+from rethink.errors import UserError
+from rethink.revision import git_revision
+from rethink.training import cpu
+
+
+@dataclass
+class ExecOptions:
+    """How to execute runs. None means the device's default (resolved by `resolve`)."""
+
+    device: str = "auto"
+    amp: bool = False  # bf16 autocast of training steps (explicit: float32, TF32 on CUDA, until bf16 is validated)
+    channels_last: bool | None = None  # default: on for convolutional models on CUDA
+    compile: bool = False
+    onednn: bool | None = None  # fully connected layers through oneDNN; default: on for the CPU (training/cpu.py)
+    checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch when an epoch runs longer than this
+    progress: bool | None = None  # a progress bar; default: when stderr is a terminal
+    eval_batch: int | None = None  # default: 4096 on CUDA, 1000 on the CPU
+    deadline: float | None = None  # clock() value at which to checkpoint and stop (rethink run --time-budget)
+    clock: object = field(default=time.monotonic)  # the deadline's clock (monotonic: one per machine)
+    log: object = field(default=print)
+
+    def resolve(self) -> Execution:
+        """These options on their device, every default decided."""
+        import sys
+
+        device = resolve_device(self.device)
+        cuda = device.type == "cuda"
+        return Execution(
+            device=device,
+            amp=bool(self.amp),
+            channels_last=self.channels_last if self.channels_last is not None else cuda,
+            onednn=device.type == "cpu" and (self.onednn if self.onednn is not None else True) and cpu.available(),
+            compile=self.compile,
+            eval_batch=self.eval_batch or (4096 if cuda else 1000),
+            progress=self.progress if self.progress is not None else sys.stderr.isatty(),
+        )
+
+
+@dataclass(frozen=True)
+class Execution:
+    """ExecOptions resolved on a device."""
+
+    device: torch.device
+    amp: bool
+    channels_last: bool  # applies to convolutional models only
+    onednn: bool
+    compile: bool
+    eval_batch: int
+    progress: bool
+
+    @property
+    def precision(self) -> str:
+        """What training computed in; evaluation is float32 (TF32 on CUDA) whatever this says."""
+        if self.amp:
+            return "bf16 autocast (training steps), float32 evaluation"
+        return "float32 (TF32 matrix units allowed)" if self.device.type == "cuda" else "float32"
+
+    def environment(self) -> dict:
+        """What a result records of where and how it was computed."""
+        return {**environment(self.device), "amp": self.amp, "precision": self.precision,
+                "channels_last": self.channels_last, "compile": self.compile, "onednn_linear": self.onednn}  # fmt: skip
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"bad device {name!r}: use cpu, cuda, cuda:N or auto")
+    return torch.device(name)
+
+
+def environment(device: torch.device) -> dict:
+    """The machine and software: device, torch, Python, package version, code revision, threads."""
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "rethink": rethink.__version__,
+        "git": git_revision(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def prepare_device(device: torch.device) -> None:
+    """Process-wide settings for computing on `device`: TF32 on CUDA, a warm heap on the CPU."""
+    if device.type == "cuda":
+        # TF32 keeps float32's range with a 10-bit mantissa in matrix units: the "float32" of this project's
+        # GPU runs (docs/protocol.md). bf16 autocast is an explicit option on top.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        cpu.keep_freed_memory()
