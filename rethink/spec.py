@@ -9,7 +9,6 @@ import json
 import typing
 from dataclasses import dataclass, field
 
-from rethink.data.corruptions import PIXEL_MODES, parse_labels
 from rethink.errors import UserError
 from rethink.paper import DEFAULT_LR, LR_DECAY, MODELS, MOMENTUM
 
@@ -19,6 +18,26 @@ SPEC_VERSION = 2
 # The epoch cap of every run unless a suite or flag says otherwise [choice]: the paper reports accuracies "after
 # convergence"; with the learning rate x0.95 per epoch, after 100 epochs it is 0.6% of its start.
 EPOCH_CAP = 100
+
+
+# The randomization tests a spec names (rethink/data/corruptions.py applies them).
+PIXEL_MODES = ("none", "shuffled", "random", "gaussian")
+
+
+def parse_labels(mode: str) -> float:
+    """'true' -> 0.0, 'random' -> 1.0, 'partial:P' -> P (the corruption probability)."""
+    if mode == "true":
+        return 0.0
+    if mode == "random":
+        return 1.0
+    if mode.startswith("partial:"):
+        try:
+            p = float(mode.split(":", 1)[1])
+        except ValueError:
+            p = -1.0
+        if 0.0 <= p <= 1.0:
+            return p
+    raise UserError(f"bad label mode {mode!r}: use true, random or partial:P with 0 <= P <= 1 (e.g. partial:0.4)")
 
 
 @dataclass(frozen=True)

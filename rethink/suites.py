@@ -111,7 +111,7 @@ class Selection:
     pixels: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        from rethink.data.corruptions import PIXEL_MODES
+        from rethink.spec import PIXEL_MODES
 
         for name, allowed in (("models", MODELS), ("pixels", PIXEL_MODES)):
             bad = [v for v in getattr(self, name) or () if v not in allowed]

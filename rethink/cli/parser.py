@@ -17,8 +17,8 @@ from rethink.cli.options import (
     parse_size,
     subcommand,
 )
-from rethink.data.corruptions import PIXEL_MODES
 from rethink.paper import MODELS
+from rethink.spec import PIXEL_MODES
 
 
 def build_parser() -> Parser:

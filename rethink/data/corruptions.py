@@ -11,25 +11,9 @@ import numpy as np
 
 from rethink.errors import UserError
 from rethink.paper import BORDER, CROP, NUM_CLASSES
+from rethink.spec import PIXEL_MODES, parse_labels
 
-PIXEL_MODES = ("none", "shuffled", "random", "gaussian")
-
-
-def parse_labels(mode: str) -> float:
-    """'true' -> 0.0, 'random' -> 1.0, 'partial:P' -> P (the corruption probability)."""
-    if mode == "true":
-        return 0.0
-    if mode == "random":
-        return 1.0
-    if mode.startswith("partial:"):
-        try:
-            p = float(mode.split(":", 1)[1])
-        except ValueError:
-            p = -1.0
-        if 0.0 <= p <= 1.0:
-            return p
-    raise UserError(f"bad label mode {mode!r}: use true, random or partial:P with 0 <= P <= 1 (e.g. partial:0.4)")
-
+__all__ = ["PIXEL_MODES", "apply_pixels", "corrupt_labels", "parse_labels"]
 
 def corrupt_labels(labels: np.ndarray, p: float, seed: int) -> np.ndarray:
     """With probability p each label becomes a uniformly random class (possibly the same one: ~0.9p change)."""
