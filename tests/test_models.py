@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_paper import PARAMS as TABLE_1  # typed in once, from the paper
 from torch import nn
 
 from rethink.errors import UserError
 from rethink.models import build_model, count_params
 from rethink.paper import MODELS, PAPER_PARAMS
+from tests.test_paper import PARAMS as TABLE_1  # typed in once, from the paper
 
 
 def test_the_five_models_and_the_papers_counts():

@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
-from test_paper import TABLE1  # typed in once, from the paper
 
 from rethink.errors import UserError
 from rethink.suites import SUITES, Options, components, expand
+from tests.test_paper import TABLE1  # typed in once, from the paper
 
 SYN = "synthetic-n10000-m2000-s0"
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pods import ROOT, Pod, Pods, execution_order, rw
+
+from tests.workflows.pods import ROOT, Pod, Pods, execution_order, rw
 
 pytestmark = pytest.mark.container
 

@@ -14,7 +14,7 @@ import yaml
 
 from workflows import builder as rw
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 KUSTOMIZATIONS = ["k8s", "k8s/overlays/local", "k8s/overlays/cloud"]
 

@@ -11,9 +11,10 @@ the bucket. Sized to finish in well under a minute on a 2-core CPU: fig2b (2 run
 from __future__ import annotations
 
 import pytest
-from pods import LocalPods, execution_order, rw
-from pods import dependencies as _dependencies
-from pods import depends_holds as _depends_holds
+
+from tests.workflows.pods import LocalPods, execution_order, rw
+from tests.workflows.pods import dependencies as _dependencies
+from tests.workflows.pods import depends_holds as _depends_holds
 
 
 def test_depends_helpers():

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli_foundation import undocumented_defaults
 
+from tests.cli.test_cli import undocumented_defaults
 from workflows import builder as rw
 from workflows import golden, submit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CREATED_NAME = "rethink-fig2b-x7k2p"
 ARGS = ["--suite", "fig2b", "--profile", "local", "--synthetic"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from workflows import builder as rw
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 PARAM = re.compile(r"\{\{inputs\.parameters\.([\w-]+)\}\}")
 

@@ -11,7 +11,7 @@ from rethink.data.synthetic import write_synthetic
 from rethink.store import LocalStore
 from rethink.store.records import finished_run_ids, import_archive
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from rethink.suites import SUITES, Options, expand
 from workflows import builder as rw
 from workflows import golden, submit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SCHEMA = ROOT / "workflows" / "schema" / "argo-workflows-v4.1.2.schema.json"  # Argo's own, in the repository
 WORKFLOW_DEF = "io.argoproj.workflow.v1alpha1.Workflow"

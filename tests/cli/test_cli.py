@@ -13,13 +13,13 @@ import sys
 
 import numpy as np
 import pytest
-from test_paper import INITIAL_LR
-from test_paper import PARAMS as TABLE_1  # typed in once, from the paper
 
 from rethink.cli import build_parser, main
 from rethink.data.cifar import DIRNAME, load_cifar10
 from rethink.report.kit import OVERFIT_THRESHOLD
 from rethink.spec import EPOCH_CAP, RunSpec
+from tests.test_paper import INITIAL_LR
+from tests.test_paper import PARAMS as TABLE_1  # typed in once, from the paper
 
 FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
 
