@@ -17,6 +17,8 @@ today; packing several runs into one pod only changes how that list is made.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 
 from hera.workflows import (
@@ -53,14 +55,28 @@ LABEL = "rethink"  # label prefix: rethink/suite, rethink/run-id, rethink/role
 # message for a pod whose node went away) is retried up to TRAIN_RETRY_LIMIT times; anything else (a bug, an
 # OOM kill) only TRAIN_RETRY_OTHER times, so a real failure fails after TRAIN_RETRY_OTHER + 1 attempts.
 # The expression is Argo's (expr-lang): lastRetry.exitCode and `retries` (attempts so far - 1) are strings.
+# With --on-demand-after N the Nth retry and later ones go to on-demand nodes (on_demand_patch): Argo counts
+# every failed attempt there, so up to TRAIN_RETRY_OTHER of those N may have been failures of another kind.
 TRAIN_RETRY_LIMIT = 10
 TRAIN_RETRY_OTHER = 2
+PREEMPTION_EXIT_CODES = (137, 143)
 PREEMPTION_MESSAGE = "(?i)imminent node shutdown|node shutdown|pod deleted|evict|preempt"
 TRAIN_RETRY_EXPRESSION = (
-    f"(asInt(lastRetry.exitCode) in [137, 143] && !(lastRetry.message contains 'OOMKilled'))"
+    f"(asInt(lastRetry.exitCode) in [{', '.join(map(str, PREEMPTION_EXIT_CODES))}]"
+    " && !(lastRetry.message contains 'OOMKilled'))"
     f" || lastRetry.message matches '{PREEMPTION_MESSAGE}'"
     f" || asInt(retries) < {TRAIN_RETRY_OTHER}"
 )
+
+
+def is_preemption(exit_code: str | int | None, message: str | None) -> bool:
+    """Whether a failed attempt was a preemption, as TRAIN_RETRY_EXPRESSION's first two terms decide it."""
+    message = message or ""
+    try:
+        killed = int(exit_code) in PREEMPTION_EXIT_CODES and "OOMKilled" not in message
+    except (TypeError, ValueError):  # no exit code: the pod never ran, or its node vanished
+        killed = False
+    return killed or re.search(PREEMPTION_MESSAGE, message) is not None
 
 
 @dataclass(frozen=True)
@@ -79,7 +95,8 @@ class Profile:
     node_affinity: m.NodeAffinity | None = None
 
 
-GPU_TOLERATION = m.Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+GPU_RESOURCE = "nvidia.com/gpu"  # what a training pod requests (Hera's Resources(gpus=1))
+GPU_TOLERATION = m.Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
 # Spot capacity on GKE (label and optional taint cloud.google.com/gke-spot=true) or on EKS with Karpenter
 # (label karpenter.sh/capacity-type=spot; a NodePool may also taint its spot nodes with that key). The node
 # selector terms are ORed, so the same workflow runs on either cloud.
@@ -96,6 +113,21 @@ SPOT_AFFINITY = m.NodeAffinity(
             ),
             m.NodeSelectorTerm(
                 match_expressions=[m.NodeSelectorRequirement(key="karpenter.sh/capacity-type", operator="In", values=["spot"])]
+            ),
+        ]
+    )
+)  # fmt: skip
+# Where a training pod goes once spot capacity was taken from it often enough (--on-demand-after N): any node
+# that is spot on neither cloud (no gke-spot label, Karpenter's capacity type not spot; NotIn also matches a
+# node without the label). One term: both conditions hold together.
+ON_DEMAND_AFFINITY = m.NodeAffinity(
+    required_during_scheduling_ignored_during_execution=m.NodeSelector(
+        node_selector_terms=[
+            m.NodeSelectorTerm(
+                match_expressions=[
+                    m.NodeSelectorRequirement(key="cloud.google.com/gke-spot", operator="DoesNotExist"),
+                    m.NodeSelectorRequirement(key="karpenter.sh/capacity-type", operator="NotIn", values=["spot"]),
+                ]
             ),
         ]
     )
@@ -137,6 +169,7 @@ class Settings:
     s3_secret: str = DEFAULT_S3_SECRET
     deadline_hours: float = 72.0  # the whole workflow
     pod_deadline_hours: float = 12.0  # one attempt of one pod
+    on_demand_after: int | None = None  # spot only: from this many failed attempts on, on-demand nodes
 
     @property
     def profile_spec(self) -> Profile:
@@ -156,6 +189,11 @@ class WorkItem:
     name: str
     labels: dict[str, str] = field(default_factory=dict)  # e.g. {"rethink/run-id": "3f2a..."}
     options: dict[str, str] = field(default_factory=dict)  # e.g. {"index": "7"} -> --index 7
+
+
+def report_location(store: str, suite: str) -> str:
+    """Where the aggregate step renders the suite's report (`rethink aggregate`: reports/<suite>/ in the store)."""
+    return f"{store.rstrip('/')}/reports/{suite}/report.html"
 
 
 def suite_runs(s: Settings) -> list[RunSpec]:
@@ -242,6 +280,30 @@ def _container(s: Settings, name: str, args: list[str], resources: Resources, **
     )
 
 
+def node_selector_terms(affinity: m.NodeAffinity) -> list[dict]:
+    """The required node selector terms of an affinity, as they appear in the pod spec."""
+    selector = affinity.required_during_scheduling_ignored_during_execution
+    return [t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in selector.node_selector_terms]
+
+
+def on_demand_patch(n: int, spot: m.NodeAffinity) -> str:
+    """A training template's podSpecPatch: from attempt n on (`retries` >= n), ON_DEMAND_AFFINITY's terms.
+
+    Argo renders a pod template's fields for each attempt with `retries` = the attempt's number (0 for the
+    first), evaluating `{{=...}}` as an expr-lang expression, and applies podSpecPatch as a strategic merge
+    patch: a list of node selector terms replaces the template's. Attempts before n get the spot terms again.
+    Argo's template tags end at the first `}}`, so the expression is only the list, never a whole object.
+    """
+    spot_terms, on_demand_terms = (json.dumps(node_selector_terms(a), separators=(",", ":"))
+                                   for a in (spot, ON_DEMAND_AFFINITY))  # fmt: skip
+    for terms in (spot_terms, on_demand_terms):
+        if "{{" in terms or "}}" in terms or "'" in terms:  # would end the tag or the expr string early
+            raise ValueError(f"node selector terms cannot go into an Argo expression: {terms}")
+    expression = f"{{{{=asInt(retries) >= {n} ? '{on_demand_terms}' : '{spot_terms}'}}}}"
+    return ('{"affinity":{"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":'
+            f'{{"nodeSelectorTerms":{expression}}}}}}}}}')  # fmt: skip
+
+
 def _small_retry() -> RetryStrategy:
     return RetryStrategy(
         limit=3, retry_policy=RetryPolicy.always, backoff=m.Backoff(duration="30s", factor=2, cap="5m")
@@ -253,6 +315,11 @@ def build_workflow(s: Settings, items: list[WorkItem] | None = None) -> Workflow
     profile = s.profile_spec
     if s.seeds < 1:
         raise ValueError("seeds must be at least 1")
+    if s.on_demand_after is not None:
+        if profile.node_affinity is None:
+            raise ValueError(f"on_demand_after needs a profile with spot affinity (spot), not {profile.name}")
+        if not 1 <= s.on_demand_after <= TRAIN_RETRY_LIMIT:
+            raise ValueError(f"on_demand_after must be between 1 and {TRAIN_RETRY_LIMIT} (the retry limit)")
     if items is None:
         specs = suite_runs(s)
         items = pack_items(specs, s.pack) if s.pack > 1 else work_items(specs)
@@ -295,6 +362,8 @@ def build_workflow(s: Settings, items: list[WorkItem] | None = None) -> Workflow
         active_deadline_seconds=int(s.pod_deadline_hours * 3600),
         tolerations=list(profile.tolerations) or None,
         affinity=m.Affinity(node_affinity=profile.node_affinity) if profile.node_affinity else None,
+        pod_spec_patch=(on_demand_patch(s.on_demand_after, profile.node_affinity)
+                        if s.on_demand_after is not None else None),
     )  # fmt: skip
 
     aggregate = _container(
@@ -330,7 +399,9 @@ def build_workflow(s: Settings, items: list[WorkItem] | None = None) -> Workflow
         labels={**suite_labels, f"{LABEL}/profile": profile.name, f"{LABEL}/seeds": str(s.seeds)},
         annotations={
             "workflows.argoproj.io/description": f"rethink suite {s.suite}: {len(items)} training pods, "
-            f"{s.seeds} seed(s), profile {profile.name}, store {s.store}"
+            f"{s.seeds} seed(s), profile {profile.name}"
+            + (f" (on-demand after {s.on_demand_after} failed attempts)" if s.on_demand_after else "")
+            + f", store {s.store}"
         },
         entrypoint="main",
         service_account_name=s.service_account,

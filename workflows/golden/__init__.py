@@ -1,5 +1,5 @@
 """The committed reference renderings: these settings, rendered, must equal the YAML files beside them
-(tests/test_workflow.py); `python workflows/submit.py --regenerate-golden` rewrites them after an intended
+(tests/workflows/test_builder.py); `python workflows/submit.py --regenerate-golden` rewrites them after an intended
 change."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ GOLDEN = {
     "smoke": rw.Settings(suite="smoke", profile="local", synthetic=True, image=GOLDEN_IMAGE),
     "table1": rw.Settings(suite="table1", profile="gpu", image=GOLDEN_IMAGE),
     "full": rw.Settings(suite="full", profile="spot", image=GOLDEN_IMAGE),
+    # spot, then on-demand from the third retry on (--on-demand-after 3): the training template's podSpecPatch
+    "fig2b-fallback": rw.Settings(suite="fig2b", profile="spot", image=GOLDEN_IMAGE, on_demand_after=3),
 }
 
 
