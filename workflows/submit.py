@@ -1,10 +1,15 @@
-"""Render a suite's Argo workflow and submit it, or print it (--dry-run) with what it will cost.
+"""Render a suite's Argo workflow, check the cluster (preflight), submit it, and follow it; or print it
+(--dry-run) with what it will cost.
 
-    python workflows/submit.py --suite smoke --synthetic --dry-run          # YAML on stdout, summary on stderr
-    python workflows/submit.py --suite full --profile spot --parallelism 16 --image REGISTRY/rethink:TAG
+    python workflows/submit.py --suite smoke --synthetic --profile local     # kind/minikube: your kubeconfig
+    python workflows/submit.py --suite full --profile spot --on-demand-after 3 --image REGISTRY/rethink:TAG --watch
+    python workflows/submit.py --suite full --profile spot --preflight-only  # is the cluster ready?
+    python workflows/submit.py status NAME [--watch]                         # how far a submitted suite is
 
-Submission goes through the Argo server's REST API (Hera's WorkflowsService): --argo-server / ARGO_SERVER and
---token / ARGO_TOKEN. See docs/cluster.md for a cluster from nothing to a report.
+Two ways to submit, like the argo CLI: without an Argo Server, the Workflow object is created through the
+Kubernetes API with your kubeconfig (--kubeconfig/KUBECONFIG, --context; inside a pod, its service account);
+with --argo-server/ARGO_SERVER (and --token/ARGO_TOKEN), through that Argo Server's REST API. The preflight
+runs before every submission. See docs/cluster.md for a cluster from nothing to a report.
 """
 
 from __future__ import annotations
@@ -13,19 +18,41 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
-from rethink.cli.options import HelpFormatter
+from rethink.cli.options import HelpFormatter, Parser
 from workflows import builder as rw
+from workflows import preflight, watch
+from workflows.cluster import ClusterError, Submitter
 from workflows.golden import render_golden
 
-DEFAULT_ARGO_SERVER = "https://localhost:2746"
-REQUEST_TIMEOUT = 30  # seconds; Hera's requests carry none of their own
+PROG = "submit.py"
+
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    """How to reach the cluster, the same for submitting and for `status`."""
+    p.add_argument("--namespace", default=rw.DEFAULT_NAMESPACE, help="Kubernetes namespace of the workflow")
+    p.add_argument("--kubeconfig", default=None,
+                   help="kubeconfig for the Kubernetes API (default: $KUBECONFIG, else ~/.kube/config; inside a pod "
+                        "without one, the pod's service account)")  # fmt: skip
+    p.add_argument(
+        "--context", default=None, help="kubeconfig context (default: the kubeconfig's current context)"
+    )
+    p.add_argument("--argo-server", default=None,
+                   help="go through this Argo Server URL instead of the Kubernetes API "
+                        "(default: $ARGO_SERVER, else none: the Kubernetes API)")  # fmt: skip
+    p.add_argument(
+        "--token", default=None, help="bearer token for the Argo Server (default: $ARGO_TOKEN, else none)"
+    )
+    p.add_argument("--insecure", action="store_true",
+                   help="skip TLS verification of the Argo Server, e.g. a port-forwarded self-signed one "
+                        "(default: $ARGO_INSECURE_SKIP_VERIFY == true)")  # fmt: skip
+    p.add_argument("--interval", type=float, default=watch.DEFAULT_INTERVAL,
+                   help="with --watch: seconds between two reads of the workflow")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="submit.py", description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--suite", help="suite to run (see rethink suites); required unless --regenerate-golden")
     p.add_argument("--seeds", type=int, default=1, help="repeat the suite over this many seeds")
     p.add_argument("--pack", type=int, default=1,
@@ -37,24 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="gpu",
         help="; ".join(f"{p.name}: {p.description}" for p in rw.PROFILES.values()),
     )
+    p.add_argument("--on-demand-after", type=int, default=None, metavar="N",
+                   help="with --profile spot: a training pod that failed N times (preempted, mostly) runs its "
+                        "next attempts on on-demand GPU nodes (default: never, every attempt on spot)")  # fmt: skip
     p.add_argument("--image", default=rw.DEFAULT_IMAGE, help="the rethink image the pods run")
-    p.add_argument("--namespace", default=rw.DEFAULT_NAMESPACE, help="Kubernetes namespace of the workflow")
     p.add_argument("--store", default=rw.DEFAULT_STORE, help="s3://bucket/prefix where runs and reports live")
     p.add_argument("--s3-secret", default=rw.DEFAULT_S3_SECRET,
                    help="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optionally AWS_ENDPOINT_URL, "
                         "AWS_DEFAULT_REGION")  # fmt: skip
     p.add_argument("--service-account", default=rw.DEFAULT_SERVICE_ACCOUNT, help="ServiceAccount of the pods")
-    p.add_argument(
-        "--argo-server",
-        default=None,
-        help=f"Argo server URL (default: $ARGO_SERVER, else {DEFAULT_ARGO_SERVER})",
-    )
-    p.add_argument(
-        "--token", default=None, help="bearer token for the Argo server (default: $ARGO_TOKEN, else none)"
-    )
-    p.add_argument("--insecure", action="store_true",
-                   help="skip TLS verification of the Argo server, e.g. a port-forwarded self-signed one "
-                        "(default: $ARGO_INSECURE_SKIP_VERIFY == true)")  # fmt: skip
     p.add_argument("--parallelism", type=int, default=None,
                    help="training pods (GPUs) at once (default: " +
                         ", ".join(f"{p.parallelism} for {p.name}" for p in rw.PROFILES.values()) + ")")  # fmt: skip
@@ -84,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--deadline-hours", type=float, default=72.0, help="the workflow is stopped after this long"
     )
+    _add_cluster_options(p)
+    p.add_argument("--preflight-only", action="store_true",
+                   help="check that the cluster is ready for the workflow and exit (default: check, then submit)")  # fmt: skip
+    p.add_argument("--skip-preflight", action="store_true",
+                   help="submit without checking the cluster first (default: a problem the check finds stops the "
+                        "submission)")  # fmt: skip
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="after submitting, follow the workflow until it finishes (default: submit and exit)",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="print (or --output) the YAML and a summary; submit nothing"
     )
@@ -100,12 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_status_parser() -> argparse.ArgumentParser:
+    p = Parser(prog=f"{PROG} status", formatter_class=HelpFormatter,
+               description="How far a submitted suite is, from its Workflow object: training pods pending, running, "
+                           "succeeded and failed, failed attempts split into preemptions and other failures, the "
+                           "run ids of the failures, and the report once aggregation finished.")  # fmt: skip
+    p.add_argument("name", help="the workflow's name, as submit.py printed it (e.g. rethink-full-x7k2p)")
+    p.add_argument("--watch", action="store_true",
+                   help="follow the workflow, a line whenever something changes, until it finishes "
+                        "(default: print once)")  # fmt: skip
+    _add_cluster_options(p)
+    return p
+
+
 def settings_from_args(a: argparse.Namespace) -> rw.Settings:
     return rw.Settings(
         suite=a.suite, seeds=a.seeds, profile=a.profile, image=a.image, namespace=a.namespace, store=a.store,
         parallelism=a.parallelism, synthetic=a.synthetic, epochs=a.epochs, smoke=a.smoke, gpu=a.gpu,
         image_pull_policy=a.image_pull_policy, service_account=a.service_account, s3_secret=a.s3_secret,
-        deadline_hours=a.deadline_hours, pack=a.pack,
+        deadline_hours=a.deadline_hours, pack=a.pack, on_demand_after=a.on_demand_after,
     )  # fmt: skip
 
 
@@ -120,8 +162,9 @@ def summary(s: rw.Settings, specs, workflow_dict: dict) -> str:
     cost = f"estimated {estimate_seconds(specs, 'gpu') / 3600:.2f} GPU-hours (one H100, float32; targets, not yet measured)"
     if not s.uses_gpu:
         cost += f" or {estimate_seconds(specs, 'cpu') / 3600:.2f} CPU-hours (2 cores)"
+    fallback = f"; on-demand nodes after {s.on_demand_after} failed attempts" if s.on_demand_after else ""
     return (
-        f"suite {s.suite}, {s.seeds} seed(s), profile {s.profile}: {len(specs)} runs -> {pods}, "
+        f"suite {s.suite}, {s.seeds} seed(s), profile {s.profile}{fallback}: {len(specs)} runs -> {pods}, "
         f"at most {at_once} at once\n"
         f"{cost}, every run to its epoch cap\n"
         f"workflow object: {size / 1024:.0f} KiB (etcd limit ~1 MiB); image {s.image}; store {s.store}"
@@ -129,63 +172,85 @@ def summary(s: rw.Settings, specs, workflow_dict: dict) -> str:
 
 
 def _fail(message: str) -> int:
-    print(f"submit.py: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
     return 1
 
 
-def submit(workflow, s: rw.Settings, server: str, token: str | None, insecure: bool) -> int:
-    """Create the workflow through the Argo server; one line and exit 1 on any failure to do so."""
-    import requests
-    from hera.exceptions import Forbidden, HeraException, Unauthorized
-    from hera.workflows import WorkflowsService
+# ---------------------------------------------------------------------------------------------- the cluster
 
-    class Session(requests.Session):
-        def request(self, *args, **kwargs):
-            kwargs.setdefault("timeout", REQUEST_TIMEOUT)
-            return super().request(*args, **kwargs)
 
-    if not server.startswith(("http://", "https://")):
-        return _fail(f"--argo-server {server!r} must be an http:// or https:// URL")
-    if insecure:
-        import urllib3
+def argo_server(a: argparse.Namespace) -> str | None:
+    return a.argo_server or os.environ.get("ARGO_SERVER") or None
 
-        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    workflow.workflows_service = WorkflowsService(
-        host=server, token=token or None, verify_ssl=not insecure, namespace=s.namespace, session=Session()
-    )
+
+def submitter(a: argparse.Namespace) -> Submitter:
+    """The Argo Server when one is named, else the Kubernetes API; ClusterError when it cannot be set up."""
+    from workflows.argo_server import ArgoServer
+    from workflows.kube import KubeSubmitter, connect
+
+    server = argo_server(a)
+    if server:
+        insecure = a.insecure or os.environ.get("ARGO_INSECURE_SKIP_VERIFY", "").lower() == "true"
+        return ArgoServer(server, a.namespace, a.token or os.environ.get("ARGO_TOKEN"), insecure)
+    return KubeSubmitter(connect(a.kubeconfig, a.context), a.namespace)
+
+
+def run_preflight(a: argparse.Namespace, s: rw.Settings, workflow: dict, target: Submitter) -> bool:
+    """Print every check; whether none found a problem. Through an Argo Server, the checks still need the
+    Kubernetes API (the kubeconfig); without it they are one problem, which --skip-preflight passes over."""
+    from workflows.kube import KubeSubmitter, connect
+
     try:
-        with warnings.catch_warnings():  # Hera 7 calls a method pydantic 2 deprecates; nothing for the user
-            warnings.simplefilter("ignore", DeprecationWarning)
-            created = workflow.create()
-    except requests.exceptions.SSLError as e:
-        return _fail(f"TLS to the Argo server at {server} failed ({_reason(e)}); for a port-forwarded server "
-                     "with a self-signed certificate pass --insecure")  # fmt: skip
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
-        return _fail(f"cannot reach the Argo server at {server} ({_reason(e)}); start a port-forward "
-                     "(kubectl -n argo port-forward svc/argo-server 2746:2746) or set --argo-server/ARGO_SERVER")  # fmt: skip
-    except (Unauthorized, Forbidden) as e:
-        return _fail(f"the Argo server at {server} rejected the token ({e.status_code} "
-                     f"{'unauthorized' if isinstance(e, Unauthorized) else 'forbidden'}) for namespace "
-                     f"{s.namespace}: set --token/ARGO_TOKEN to a token allowed to create workflows there "
-                     "(docs/cluster.md: kubectl create token)")  # fmt: skip
-    except HeraException as e:
-        return _fail(f"the Argo server at {server} refused the workflow: {e}")
-    name = created.metadata.name
-    print(f"submitted workflow {name} in namespace {s.namespace}")
-    print(f"watch it:   argo watch -n {s.namespace} {name}")
-    print(f"  or:       kubectl -n {s.namespace} get pods -l workflows.argoproj.io/workflow={name} --watch")
-    print(f"report:     {s.store.rstrip('/')}/reports/{s.suite}/report.html once the aggregate step ran")
-    return 0
+        kube = target.kube if isinstance(target, KubeSubmitter) else connect(a.kubeconfig, a.context)
+        print(f"preflight of {kube.where}, namespace {s.namespace}:")
+        checks = preflight.run(kube, s, workflow)
+    except ClusterError as e:
+        if isinstance(target, KubeSubmitter):
+            raise  # the same API would refuse the submission
+        print(f"preflight: {preflight.PROBLEM}: it needs the Kubernetes API: {e}; or pass --skip-preflight to "
+              f"submit through {target.where} unchecked")  # fmt: skip
+        return False
+    print(preflight.render(checks))
+    found = len(preflight.problems(checks))
+    warnings = sum(c.status == preflight.WARNING for c in checks)
+    noted = f", {warnings} warning{'s' * (warnings != 1)}" if warnings else ""
+    if found:
+        stop = "nothing submitted" if not a.preflight_only else "the cluster is not ready"
+        print(f"preflight: {found} problem{'s' * (found != 1)}{noted}: {stop} (fix them, or pass --skip-preflight "
+              "to submit anyway)")  # fmt: skip
+    else:
+        print(f"preflight: ready{noted}")
+    return not found
 
 
-def _reason(e: Exception) -> str:
-    """The innermost cause of a requests error, short and on one line (e.g. '[Errno 111] Connection refused')."""
-    inner = e.args[0] if e.args and isinstance(e.args[0], Exception) else e
-    text = " ".join(str(getattr(inner, "reason", None) or inner).split())
-    return text.rsplit(": ", 1)[-1][:200] or type(e).__name__
+def follow_command(a: argparse.Namespace, name: str) -> str:
+    """The status command that reaches this workflow the way it was submitted."""
+    options = []
+    if a.namespace != rw.DEFAULT_NAMESPACE:
+        options.append(f"--namespace {a.namespace}")
+    if a.argo_server:
+        options.append(f"--argo-server {a.argo_server}")
+    elif not argo_server(a):
+        options += [f"--{flag} {value}" for flag, value in (("kubeconfig", a.kubeconfig), ("context", a.context))
+                    if value]  # fmt: skip
+    return " ".join([f"python workflows/{PROG} status {name}", *options, "--watch"])
+
+
+def _watch(target: Submitter, name: str, interval: float) -> int:
+    try:
+        return watch.watch(lambda: target.get(name), interval)
+    except KeyboardInterrupt:
+        print(f"\nstopped watching; {name} keeps running (python workflows/{PROG} status {name})")
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------- commands
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.regenerate_golden:
@@ -198,6 +263,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be at least 1")
     if a.parallelism is not None and a.parallelism < 1:
         parser.error("--parallelism must be at least 1")
+    if a.pack < 1:
+        parser.error("--pack must be at least 1")
+    if a.on_demand_after is not None:
+        if rw.PROFILES[a.profile].node_affinity is None:
+            parser.error(
+                f"--on-demand-after needs --profile spot (the {a.profile} profile does not use spot nodes)"
+            )
+        if not 1 <= a.on_demand_after <= rw.TRAIN_RETRY_LIMIT:
+            parser.error(f"--on-demand-after must be between 1 and {rw.TRAIN_RETRY_LIMIT} (the retry limit)")
+    if a.interval <= 0:
+        parser.error("--interval must be positive")
+    if a.preflight_only and (a.skip_preflight or a.dry_run or a.watch):
+        parser.error("--preflight-only submits nothing: drop --skip-preflight, --dry-run and --watch")
+    if a.watch and a.dry_run:
+        parser.error("--watch follows a submitted workflow: drop --dry-run")
 
     from rethink.errors import UserError
 
@@ -205,25 +285,57 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = rw.suite_runs(s)
     except UserError as e:
-        print(f"submit.py: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    if a.pack < 1:
-        parser.error("--pack must be at least 1")
     items = rw.pack_items(specs, a.pack) if a.pack > 1 else rw.work_items(specs)
     workflow = rw.build_workflow(s, items)
     text = workflow.to_yaml()
     if a.output:
         Path(a.output).write_text(text)
+    workflow_dict = workflow.to_dict()
     if a.dry_run:
         if not a.output:
             sys.stdout.write(text)
-        print(summary(s, specs, workflow.to_dict()) + (f"\nwrote {a.output}" if a.output else ""),
+        print(summary(s, specs, workflow_dict) + (f"\nwrote {a.output}" if a.output else ""),
               file=sys.stderr if not a.output else sys.stdout)  # fmt: skip
         return 0
-    print(summary(s, specs, workflow.to_dict()))
-    server = a.argo_server or os.environ.get("ARGO_SERVER") or DEFAULT_ARGO_SERVER
-    insecure = a.insecure or os.environ.get("ARGO_INSECURE_SKIP_VERIFY", "").lower() == "true"
-    return submit(workflow, s, server, a.token or os.environ.get("ARGO_TOKEN"), insecure)
+    print(summary(s, specs, workflow_dict))
+    try:
+        target = submitter(a)
+        if not a.skip_preflight:
+            ready = run_preflight(a, s, workflow_dict, target)
+            if a.preflight_only or not ready:
+                return 0 if ready else 1
+        name = target.create(workflow_dict)
+    except ClusterError as e:
+        return _fail(str(e))
+    print(f"submitted workflow {name} in namespace {s.namespace} through {target.where}")
+    print(f"follow it:  {follow_command(a, name)}")
+    print(f"  or:       argo watch -n {s.namespace} {name}")
+    print(f"  or:       kubectl -n {s.namespace} get pods -l workflows.argoproj.io/workflow={name} --watch")
+    print(f"report:     {rw.report_location(s.store, s.suite)} once the aggregate step ran")
+    if a.watch:
+        try:
+            return _watch(target, name, a.interval)
+        except ClusterError as e:
+            return _fail(str(e))
+    return 0
+
+
+def status_main(argv: list[str]) -> int:
+    """`submit.py status NAME [--watch]`: the workflow's progress, once or until it finishes."""
+    parser = build_status_parser()
+    a = parser.parse_args(argv)
+    if a.interval <= 0:
+        parser.error("--interval must be positive")
+    try:
+        target = submitter(a)
+        if a.watch:
+            return _watch(target, a.name, a.interval)
+        print("\n".join(watch.status_lines(watch.progress(target.get(a.name)))))
+    except ClusterError as e:
+        return _fail(str(e))
+    return 0
 
 
 if __name__ == "__main__":

@@ -331,9 +331,72 @@ def test_pack_fans_out_one_pod_per_planned_pack(tmp_path, monkeypatch, validator
     tasks = train_tasks(wf)
     assert [int(params(t)["pack-index"]) for t in tasks] == [p["pack_index"] for p in packs]
     assert [int(params(t)["pack-runs"]) for t in tasks] == [p["size"] for p in packs]
-    assert sum(p["size"] for p in packs) == len(plan_run_ids("--suite", "full"))  # every run in exactly one pod
+    assert sum(p["size"] for p in packs) == len(
+        plan_run_ids("--suite", "full")
+    )  # every run in exactly one pod
     container = templates(wf)["train"]["container"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     args = [a.replace("{{inputs.parameters.pack-index}}", "3") for a in container["args"]]
     parsed = build_parser().parse_args(args)
     assert (parsed.suite, parsed.pack, parsed.pack_index, parsed.index) == ("full", 8, 3, None)
+
+
+# ---------------------------------------------------------------------------------------------- spot, then on-demand
+
+
+def render_attempt(patch: str, retries: int) -> dict:
+    """A podSpecPatch as Argo renders it for the attempt numbered `retries` (0 first): its one `{{=...}}` tag,
+    which ends at the first `}}` as in Argo's template parser, evaluated, then the patch parsed as JSON."""
+    start = patch.index("{{=")
+    end = patch.index("}}", start)
+    assert "{{" not in patch[end:], "one tag only"
+    m = re.fullmatch(r"asInt\(retries\) >= (\d+) \? '([^']*)' : '([^']*)'", patch[start + 3 : end])
+    assert m, patch[start:end]
+    value = m.group(2) if retries >= int(m.group(1)) else m.group(3)
+    return json.loads(patch[:start] + value + patch[end + 2 :])
+
+
+def test_on_demand_after_n_failed_attempts(validator):
+    from tests.workflows.fake_kube import GKE_ON_DEMAND, GKE_SPOT, KARPENTER_ON_DEMAND, KARPENTER_SPOT, node
+    from workflows.preflight import matches
+
+    wf = render(suite="fig2b", profile="spot", on_demand_after=3)
+    assert_valid(validator, wf)
+    train = templates(wf)["train"]
+    required = "requiredDuringSchedulingIgnoredDuringExecution"
+    spot_terms = train["affinity"]["nodeAffinity"][required]["nodeSelectorTerms"]
+    nodes = {name: node(name, labels) for name, labels in [("gke-spot", GKE_SPOT), ("karpenter-spot", KARPENTER_SPOT),
+             ("gke-on-demand", GKE_ON_DEMAND), ("karpenter-on-demand", KARPENTER_ON_DEMAND)]}  # fmt: skip
+    for retries in range(rw.TRAIN_RETRY_LIMIT + 1):
+        patch = render_attempt(train["podSpecPatch"], retries)
+        assert list(patch) == ["affinity"]  # nothing but where the pod may go
+        # a strategic merge patch replaces the list of node selector terms (it has no merge key)
+        terms = patch["affinity"]["nodeAffinity"][required]["nodeSelectorTerms"]
+        fits = {name for name, n in nodes.items() if matches(n, terms)}
+        if retries < 3:
+            assert terms == spot_terms and fits == {"gke-spot", "karpenter-spot"}
+        else:
+            assert fits == {"gke-on-demand", "karpenter-on-demand"}, retries
+    for name in ("data", "aggregate"):
+        assert "podSpecPatch" not in templates(wf)[name]
+    assert "podSpecPatch" not in templates(render(suite="fig2b", profile="spot"))["train"]
+    assert (
+        "on-demand after 3 failed attempts"
+        in wf["metadata"]["annotations"]["workflows.argoproj.io/description"]
+    )
+
+
+def test_on_demand_after_needs_spot_and_a_count_within_the_retry_limit(capsys):
+    with pytest.raises(ValueError, match="spot"):
+        render(suite="fig2b", profile="gpu", on_demand_after=3)
+    for n in (0, rw.TRAIN_RETRY_LIMIT + 1):
+        with pytest.raises(ValueError, match="between 1 and"):
+            render(suite="fig2b", profile="spot", on_demand_after=n)
+    for args, words in [(["--profile", "gpu", "--on-demand-after", "3"],
+                          "--on-demand-after needs --profile spot (the gpu profile does not use spot nodes)"),
+                         (["--profile", "spot", "--on-demand-after", "11"],
+                          "--on-demand-after must be between 1 and 10 (the retry limit)")]:  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            submit.main(["--suite", "fig2b", "--dry-run", *args])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.splitlines()[0] == f"submit.py: error: {words}"

@@ -1,5 +1,6 @@
-"""workflows/submit.py against a fake Argo server on 127.0.0.1: what it POSTs, and one clear line when the
-server cannot be reached or refuses the token; --dry-run, --output, the help's defaults."""
+"""workflows/submit.py against a fake Argo Server on 127.0.0.1: what it POSTs, and one clear line when the
+server cannot be reached or refuses the token; the preflight on this path (through the kubeconfig);
+--dry-run, --output, the help's defaults. The Kubernetes API path: tests/workflows/test_kube.py."""
 
 from __future__ import annotations
 
@@ -21,18 +22,30 @@ from workflows import golden, submit
 ROOT = Path(__file__).resolve().parents[2]
 
 CREATED_NAME = "rethink-fig2b-x7k2p"
-ARGS = ["--suite", "fig2b", "--profile", "local", "--synthetic"]
+ARGS = ["--suite", "fig2b", "--profile", "local", "--synthetic", "--skip-preflight"]
 
 
 class FakeArgo:
-    """A tiny Argo server: records each request and answers POST /api/v1/workflows/<ns> like Argo does."""
+    """A tiny Argo Server: records each request, answers POST /api/v1/workflows/<ns> like Argo does, and
+    GET /api/v1/workflows/<ns>/<name> with `workflows[name]`."""
 
     def __init__(self, status: int = 200):
         self.status = status
         self.requests: list[dict] = []
+        self.workflows: dict[str, dict] = {}
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": None})
+                name = self.path.rsplit("/", 1)[-1]
+                if fake.status != 200:
+                    self._send(fake.status, {"code": 16, "message": "token not valid"})
+                elif name in fake.workflows:
+                    self._send(200, fake.workflows[name])
+                else:
+                    self._send(404, {"code": 5, "message": f'workflows.argoproj.io "{name}" not found'})
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
@@ -56,7 +69,7 @@ class FakeArgo:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self):
         self.thread.start()
@@ -65,12 +78,6 @@ class FakeArgo:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture(autouse=True)
-def no_argo_environment(monkeypatch):
-    for key in ("ARGO_SERVER", "ARGO_TOKEN", "ARGO_INSECURE_SKIP_VERIFY"):
-        monkeypatch.delenv(key, raising=False)
 
 
 def closed_port() -> int:
@@ -130,7 +137,7 @@ def test_unreachable_server_is_one_line_without_traceback():
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
-    assert "cannot reach the Argo server" in out.stderr and url in out.stderr
+    assert "cannot reach the Argo Server" in out.stderr and url in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
 
 
@@ -164,8 +171,48 @@ def test_dry_run_output_file(tmp_path, capsys):
 
 
 def test_every_flag_states_its_actual_default():
-    """Each option's help shows its default value, or says what happens without it (tests/test_cli_foundation.py)."""
+    """Each option's help shows its default value, or says what happens without it (tests/cli/test_cli.py)."""
     assert undocumented_defaults(submit.build_parser()) == []
+    assert undocumented_defaults(submit.build_status_parser()) == []
+
+
+def test_argo_server_path_runs_the_preflight_through_the_kubeconfig(kube, kubeconfig, capsys):
+    """The checks read the cluster with the kubeconfig; the workflow still goes to the Argo Server."""
+    args = [a for a in ARGS if a != "--skip-preflight"]
+    with FakeArgo() as argo:
+        assert submit.main([*args, "--argo-server", argo.url]) == 0
+    out = capsys.readouterr().out
+    assert "preflight: ready" in out and f"submitted workflow {CREATED_NAME}" in out
+    assert [r["path"] for r in argo.requests] == ["/api/v1/workflows/rethink"]
+    assert "/api/v1/namespaces/rethink/secrets/rethink-s3" in kube.paths("GET")
+    assert not [p for p in kube.paths("POST") if p.endswith("/workflows")]  # not created twice
+
+
+def test_argo_server_without_a_kubeconfig_stops_at_the_preflight(capsys):
+    args = [a for a in ARGS if a != "--skip-preflight"]
+    with FakeArgo() as argo:
+        assert submit.main([*args, "--argo-server", argo.url]) == 1
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.startswith("preflight")]
+    assert "PROBLEM" in line and "no kubeconfig" in line and "--skip-preflight" in line
+    assert argo.requests == []
+
+
+def test_status_through_the_argo_server(capsys):
+    wf = {"metadata": {"name": CREATED_NAME}, "spec": rw.build_workflow(rw.Settings(suite="fig2b")).to_dict()["spec"],
+          "status": {"phase": "Running"}}  # fmt: skip
+    with FakeArgo() as argo:
+        argo.workflows[CREATED_NAME] = wf
+        assert submit.main(["status", CREATED_NAME, "--argo-server", argo.url, "--token", "t"]) == 0
+        assert submit.main(["status", "rethink-nope", "--argo-server", argo.url]) == 1
+    captured = capsys.readouterr()
+    assert f"{CREATED_NAME} Running: 2 runs: 2 pending, 0 running" in captured.out
+    assert argo.requests[0]["path"] == f"/api/v1/workflows/rethink/{CREATED_NAME}"
+    assert argo.requests[0]["headers"]["Authorization"] == "Bearer t"
+    assert (
+        captured.err.strip().splitlines() == [captured.err.strip()]
+        and "no workflow rethink-nope" in captured.err
+    )
 
 
 def test_regenerate_golden_writes_every_golden_file(tmp_path, monkeypatch, capsys):
