@@ -66,6 +66,20 @@ def forbidden(verb: str, resource: str, group: str, namespace: str | None) -> di
                   {"group": group, "kind": resource})  # fmt: skip
 
 
+def attributes(method: str, path: str) -> tuple[str, str, str, str | None, str | None]:
+    """(verb, API group, resource, name, namespace) of a resource request, as the API server's authorizer
+    sees it; ("", "", "", None, None) for a non-resource path such as the discovery of a group."""
+    parts = path.split("?", 1)[0].strip("/").split("/")
+    group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:])
+    if not rest:
+        return "", "", "", None, None
+    namespaced = rest[0] == "namespaces" and len(rest) >= 3
+    namespace, rest = (rest[1], rest[2:]) if namespaced else (None, rest)
+    name = rest[1] if len(rest) >= 2 else None
+    verb = "create" if method == "POST" else "get" if name else "list"
+    return verb, group, rest[0], name, namespace
+
+
 class FakeKube:
     """The API server; `requests` records (method, path, body) of every call it answered."""
 
@@ -168,12 +182,8 @@ class FakeKube:
         return 404, status(404, "NotFound", "the server could not find the requested resource", {})
 
     def _forbidden(self, method: str, path: str) -> dict:
-        parts = path.strip("/").split("/")
-        group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:])
-        namespaced = rest[:1] == ["namespaces"] and len(rest) >= 3
-        namespace, rest = (rest[1], rest[2:]) if namespaced else (None, rest)
-        verb = "create" if method == "POST" else "get" if len(rest) >= 2 else "list"
-        return forbidden(verb, rest[0] if rest else "", group, namespace)
+        verb, group, resource, _, namespace = attributes(method, path)
+        return forbidden(verb, resource, group, namespace)
 
     def _namespace(self, ns):
         if ns not in self.namespaces:

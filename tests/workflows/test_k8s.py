@@ -162,3 +162,45 @@ def test_dockerignore_keeps_the_context_small():
     assert lines[0] == "*"  # an allow-list
     for needed in ("pyproject.toml", "README.md", "requirements/image.lock", "rethink/"):
         assert f"!{needed}" in lines
+
+
+def test_the_submitter_may_do_all_that_submit_py_does(tmp_path, capsys):
+    """Every call of a preflight, a submission and a status read through the Kubernetes API (recorded by the
+    fake API server), checked against the RBAC rules bound to the rethink-submitter ServiceAccount."""
+    from tests.workflows.fake_kube import FakeKube, attributes
+    from workflows import submit
+
+    docs = kustomize("k8s")
+    rules = []
+    for kind, role_kind in (("RoleBinding", "Role"), ("ClusterRoleBinding", "ClusterRole")):
+        for binding in by_kind(docs, kind).values():
+            if any(
+                s["kind"] == "ServiceAccount" and s["name"] == "rethink-submitter"
+                for s in binding["subjects"]
+            ):
+                rules += by_kind(docs, role_kind)[binding["roleRef"]["name"]]["rules"]
+
+    def allowed(verb, group, resource, name):
+        return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+                   and (not r.get("resourceNames") or name in r["resourceNames"]) for r in rules)  # fmt: skip
+
+    with FakeKube() as fake:
+        config = str(fake.kubeconfig(tmp_path))
+        args = [
+            "--suite",
+            "fig2b",
+            "--profile",
+            "spot",
+            "--image",
+            "registry.example.com/rethink:1",
+            "--kubeconfig",
+            config,
+        ]
+        assert submit.main(args) == 0
+        assert submit.main(["status", "rethink-fig2b-k8s7q", "--kubeconfig", config]) == 0
+    capsys.readouterr()
+    calls = {attributes(m, p) for m, p, _ in fake.requests} - {("", "", "", None, None)}  # discovery: anyone
+    assert {c[2] for c in calls} == {"namespaces", "secrets", "serviceaccounts", "localsubjectaccessreviews", "nodes",
+                                     "workflows"}  # fmt: skip
+    denied = [c for c in calls if not allowed(*c[:4])]
+    assert not denied, f"the rethink-submitter may not: {denied}"
