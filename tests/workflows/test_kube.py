@@ -151,3 +151,13 @@ def test_the_cluster_side_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_full_on_spot_runs_its_preflight_and_submits(kube, kubeconfig, capsys):
+    """The issue's done criterion: `submit.py --suite full --profile spot` with a kubeconfig."""
+    assert submit.main(["--suite", "full", "--profile", "spot"]) == 0
+    out = capsys.readouterr().out
+    assert "preflight: ready, 1 warning" in out  # rethink:dev names no registry
+    (body,) = [b for m, p, b in kube.requests if m == "POST" and p.endswith("/workflows")]
+    assert body == rw.build_workflow(rw.Settings(suite="full", profile="spot")).to_dict()
+    assert f"submitted workflow {CREATED_NAME}" in out
