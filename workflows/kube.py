@@ -90,6 +90,10 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> Kube:
                                 persist_config=False)  # fmt: skip
     except (ConfigException, OSError, ValueError, KeyError, TypeError) as e:
         raise ClusterError(f"cannot use context {name} of the kubeconfig {spec}: {one_line(e)}") from e
+    if not cfg.verify_ssl:  # the kubeconfig says insecure-skip-tls-verify: its choice, not a warning per call
+        import urllib3
+
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     return Kube(client.ApiClient(cfg), f"the Kubernetes API at {cfg.host} (context {name})")
 
 
