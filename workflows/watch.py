@@ -160,7 +160,7 @@ def progress(workflow: dict) -> Progress:
         phase=phase,
         message=status.get("message") or "",
         tasks=tuple(tasks),
-        packs=any(t.name.startswith("pack-") or "pack" in arguments.get(t.name, {}) for t in tasks),
+        packs=any(t.what.startswith("pack ") for t in tasks),
         on_demand_after=int(fallback.group(1)) if fallback else None,
         aggregate=aggregate.get("phase") if aggregate else None,
         aggregate_message=(aggregate or {}).get("message") or "",
