@@ -6,6 +6,7 @@ Finished runs are skipped, partial ones resume from their checkpoint, so running
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from rethink.spec import RunSpec
 from rethink.store import Store, StoreError, open_store
+from rethink.store.lease import LeaseHeld, LeaseLost
 from rethink.store.runs import record_failure, run_key, run_state
 from rethink.training.grouping import group_packs
 from rethink.training.loop import OutOfTime, Preempted
@@ -55,6 +57,7 @@ class Outcome(dict):
         self.trained: list[str] = []  # finished in this call
         self.partial: list[str] = []  # stopped by the time budget, checkpointed: a later call resumes them
         self.not_started: list[str] = []  # left for a later call by the time budget
+        self.elsewhere: list[str] = []  # being trained by another trainer (it holds the run's lease)
         self.budget_spent = False
 
     @property
@@ -74,6 +77,8 @@ def _train_task(task: list[RunSpec], store: Store, data, opts: ExecOptions) -> d
         return {s.run_id: None for s in task}
     except OutOfTime:
         return {s.run_id: None if store.exists(run_key(s.run_id, "result.json")) else PARTIAL for s in task}
+    except (LeaseHeld, LeaseLost):  # another trainer has it: not a failure, and not ours to record
+        return {s.run_id: None if store.exists(run_key(s.run_id, "result.json")) else ELSEWHERE for s in task}
     except FATAL:
         raise
     except Exception as e:
@@ -93,7 +98,7 @@ def _train_task_in_worker(spec_jsons: list[str], store_url: str, source: DataSou
                        _worker_data[source.data_dir], opts)  # fmt: skip
 
 
-PARTIAL, NOT_STARTED = "\x00partial", "\x00not started"  # task outcomes that are not errors
+PARTIAL, NOT_STARTED, ELSEWHERE = "\x00partial", "\x00not started", "\x00elsewhere"  # outcomes, not errors
 
 
 def run_specs(
@@ -111,6 +116,7 @@ def run_specs(
     stop at it (`rethink run --time-budget`): a later call resumes where this one stopped.
     """
     store = open_store(store_url)
+    opts = dataclasses.replace(opts, lease_wait=0.0)  # a run another trainer holds is skipped, not waited for
     todo = [s for s in specs if not run_state(store, s).finished]
     done_before = len(specs) - len(todo)
     progress = sys.stderr.isatty() if progress is None else progress
@@ -143,7 +149,10 @@ def run_specs(
                 outcome.budget_spent = True
                 continue
             k += 1
-            if result == PARTIAL:
+            if result == ELSEWHERE:
+                outcome.elsewhere.append(rid)
+                status = "skipped: another trainer holds its lease"
+            elif result == PARTIAL:
                 outcome.partial.append(rid)
                 outcome.budget_spent = True
                 status = "stopped at the time budget, checkpointed"
@@ -155,7 +164,7 @@ def run_specs(
                 status = "FAILED: " + result
             line = f"[{k}/{len(todo)}] {rid} {spec.label()}: {status}"
             if bar is not None:
-                bar.update(0 if result == PARTIAL else 1)
+                bar.update(0 if result in (PARTIAL, ELSEWHERE) else 1)
                 bar.write(line)
             else:
                 say(line)

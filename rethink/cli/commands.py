@@ -195,7 +195,9 @@ def cmd_status(args) -> int:
         st = run_state(store, s)
         counts[st.state] = counts.get(st.state, 0) + 1
         print(f"{s.run_id}  {st.state:<12} {s.label():<48} {st.detail}")
-    print(", ".join(f"{n} {state}" for state, n in counts.items()) + f" ({store.where()})")
+    objects, size = store.usage()
+    print(", ".join(f"{n} {state}" for state, n in counts.items()) + f" ({store.where()}: {objects} files, "
+          f"{size / 2**20:.1f} MiB)")  # fmt: skip
     return 0
 
 

@@ -64,6 +64,12 @@ def add_exec_options(p: argparse.ArgumentParser) -> None:
                         "(default: oneDNN, ~2x faster on some CPUs; same function up to rounding)")  # fmt: skip
     p.add_argument("--checkpoint-minutes", type=float, default=10.0,
                    help="also checkpoint mid-epoch when this many minutes passed since the last checkpoint")  # fmt: skip
+    p.add_argument("--keep-checkpoints", choices=("all", "last", "none"), default="last",
+                   help="what a finished run keeps: both checkpoints, the last one, or none (its records only; frees "
+                        "~19 MB per MLP run, more per Inception run)")  # fmt: skip
+    p.add_argument("--lease-seconds", type=float, default=None,
+                   help="a run's lease (one writer per run) expires this long after its trainer last renewed it "
+                        "(default: $RETHINK_LEASE_SECONDS, else 120); a successor waits that long for a lost one")  # fmt: skip
 
 
 def add_suite_options(p: argparse.ArgumentParser, required: bool = True, selectable: bool = True) -> None:
@@ -179,6 +185,8 @@ def exec_options(args):
         compile=args.compile,
         onednn=False if getattr(args, "no_onednn", False) else None,
         checkpoint_minutes=args.checkpoint_minutes,
+        keep_checkpoints=args.keep_checkpoints,
+        **({"lease_seconds": args.lease_seconds} if args.lease_seconds is not None else {}),
         log=lambda msg: print(msg, flush=True),
     )
 

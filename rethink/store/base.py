@@ -37,6 +37,24 @@ class Store:
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """The object's bytes and a version token that changes with every write; (None, None) when absent."""
+        raise NotImplementedError
+
+    def write_if(self, key: str, data: bytes, version: str | None) -> str | None:
+        """Write only if the object is still at `version` (None: only if it does not exist); returns the new
+        version, or None when someone else wrote it first (nothing is written then)."""
+        raise NotImplementedError
+
+    def usage(self, prefix: str = "") -> tuple[int, int]:
+        """(objects, bytes) under `prefix`."""
+        raise NotImplementedError
+
+    def sweep_temporaries(self, prefix: str) -> int:
+        """Remove what interrupted writes left under `prefix` (nothing for stores whose writes leave nothing);
+        returns how many. Only for a prefix no one else is writing to (a run whose lease this process holds)."""
+        return 0
+
     def copy(self, src: str, dst: str) -> None:
         data = self.read_bytes(src)
         if data is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from rethink.store.base import Store, StoreError
@@ -69,6 +72,44 @@ class LocalStore(Store):
             self._path(key).unlink(missing_ok=True)
         except OSError as e:
             raise self._error(f"delete {key}", e) from None
+
+    @contextmanager
+    def _locked(self, key: str):
+        """Exclusive among the processes of this machine, for a read-compare-write of `key` (flock)."""
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise self._error(f"lock {key}", e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def read_versioned(self, key):
+        data = self.read_bytes(key)
+        return (None, None) if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    def write_if(self, key, data, version):
+        with self._locked(key):
+            if self.read_versioned(key)[1] != version:
+                return None
+            self.write_bytes(key, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def usage(self, prefix=""):
+        base = self._path(prefix) if prefix else self.root
+        files = [p for p in base.rglob("*") if p.is_file()] if base.is_dir() else []
+        return len(files), sum(p.stat().st_size for p in files)
+
+    def sweep_temporaries(self, prefix):
+        base = self._path(prefix)
+        stale = list(base.glob(".*.tmp")) if base.is_dir() else []
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
 
 
 def _umask() -> int:

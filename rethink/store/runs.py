@@ -131,6 +131,13 @@ def write_result(store: Store, run_id: str, result: dict) -> None:
     store.delete(run_key(run_id, "error.json"))
 
 
+def prune_checkpoints(store: Store, run_id: str, keep: str) -> None:
+    """A finished run's checkpoints: keep 'all', the 'last' (checkpoint.pt) or 'none' (records only)."""
+    drop = {"all": (), "last": ("checkpoint.prev.pt",), "none": CHECKPOINTS}[keep]
+    for name in drop:
+        store.delete(run_key(run_id, name))
+
+
 def record_failure(store: Store, spec: RunSpec, exc: BaseException) -> str:
     """Write error.json for a failed run (best effort: the store may be what failed); returns the message."""
     message = f"{type(exc).__name__}: {exc}"

@@ -71,7 +71,7 @@ class S3Store(Store):
         if code == "NoSuchBucket":
             return StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint}: create it, or fix the "
                               "store URL")  # fmt: skip
-        if 400 <= status < 500 and status not in self._RETRIED_STATUS:
+        if (400 <= status < 500 and status not in self._RETRIED_STATUS) or status == 501:  # 501: never will
             message = e.response.get("Error", {}).get("Message", "")
             return StoreError(f"S3 at {self.endpoint} refused {what} on {self.url} ({code or status}"
                               f"{': ' + message if message else ''}): check the bucket name and that the credentials "
@@ -141,9 +141,10 @@ class S3Store(Store):
         except ClientError:
             return False
 
-    def list(self, prefix):
-        full = self._key(prefix).rstrip("/") + "/"
-        keys: list[str] = []
+    def _objects(self, prefix: str) -> list[tuple[str, int]]:
+        """(key, size) of every object under `prefix`."""
+        full = self._key(prefix).rstrip("/") + "/" if prefix or self.prefix else ""
+        found: list[tuple[str, int]] = []
         token = None
         while True:
             kwargs = {"Bucket": self.bucket, "Prefix": full}
@@ -151,10 +152,55 @@ class S3Store(Store):
                 kwargs["ContinuationToken"] = token
             resp = self._call(f"LIST {prefix}", self.client.list_objects_v2, **kwargs)
             cut = len(self.prefix) + 1 if self.prefix else 0
-            keys += [obj["Key"][cut:] for obj in resp.get("Contents", [])]
+            found += [(obj["Key"][cut:], obj.get("Size", 0)) for obj in resp.get("Contents", [])]
             if not resp.get("IsTruncated"):
-                return sorted(keys)
+                return found
             token = resp["NextContinuationToken"]
+
+    def list(self, prefix):
+        return sorted(k for k, _ in self._objects(prefix))
+
+    def usage(self, prefix=""):
+        objects = self._objects(prefix)
+        return len(objects), sum(size for _, size in objects)
+
+    def read_versioned(self, key):
+        from botocore.exceptions import ClientError
+
+        def get():
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return resp["Body"].read(), resp["ETag"]
+
+        try:
+            return self._call(f"GET {key}", get)
+        except ClientError:
+            return None, None
+
+    def write_if(self, key, data, version):
+        """A conditional PUT (If-None-Match: * to create, If-Match: ETag to replace): S3, MinIO and SeaweedFS
+        refuse it with 412 when the object changed in between. A server without conditional writes answers 501:
+        then this falls back to write, wait, and read back (best effort: a race within the wait goes unseen)."""
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            resp = self._call(f"PUT {key} (conditional)", self.client.put_object, Bucket=self.bucket,
+                              Key=self._key(key), Body=data, **condition)  # fmt: skip
+            return resp["ETag"]
+        except StoreError as e:
+            if "(PreconditionFailed" in str(e) or "(412" in str(e):
+                return None
+            if "(NotImplemented" not in str(e) and "(501" not in str(e):
+                raise
+        except ClientError:  # a 404 for If-Match on a missing object
+            return None
+        self.log(f"warning: {self.endpoint} has no conditional writes: {key} is checked by reading it back")
+        if self.read_versioned(key)[1] != version:
+            return None
+        self.write_bytes(key, data)
+        time.sleep(1.0)
+        got, etag = self.read_versioned(key)
+        return etag if got == data else None
 
     def delete(self, key):
         self._call(f"DELETE {key}", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))

@@ -17,7 +17,7 @@ from rethink.data.device import epoch_seed
 from rethink.errors import Stopped
 from rethink.spec import RunSpec
 from rethink.store import Store
-from rethink.store.runs import write_result
+from rethink.store.runs import prune_checkpoints, write_result
 from rethink.summary import summarize
 
 
@@ -61,9 +61,10 @@ class EpochSteps:
     """
 
     def __init__(self, sigterm, save, n_batches: int, start: int, minutes: float, progress: bool, desc: str,
-                 what: str, deadline: float | None = None, clock=time.monotonic, before: float = 0.0):  # fmt: skip
+                 what: str, deadline: float | None = None, clock=time.monotonic, before: float = 0.0,
+                 on_step=None):  # fmt: skip
         self.sigterm, self.save, self.n_batches, self.minutes, self.what = sigterm, save, n_batches, minutes, what
-        self.before = before
+        self.before, self.on_step = before, on_step
         self.deadline, self.clock = deadline, clock
         self.t0 = self.last = time.perf_counter()
         self.bar = None
@@ -76,6 +77,8 @@ class EpochSteps:
         """Batch `b` is done: checkpoint and raise Preempted on SIGTERM, or checkpoint when one is due."""
         if self.bar is not None:
             self.bar.update(1)
+        if self.on_step is not None:
+            self.on_step()  # e.g. renew the run's lease (rate-limited by the callee)
         now = time.perf_counter()
         if self.sigterm.set:
             self.close()
@@ -150,10 +153,12 @@ def sgd_step(model, optimizer, x, y, amp: bool, tracked: list | None = None):
 
 
 def finish_run(store: Store, spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data: dict, log,
-               where: str = "") -> dict:  # fmt: skip
-    """Write the run's result record (the run is finished from now on) and say so; returns the record."""
+               where: str = "", keep_checkpoints: str = "last") -> dict:  # fmt: skip
+    """Write the run's result record (the run is finished from now on), prune its checkpoints, say so; returns
+    the record."""
     result = summarize(spec, metrics, stopped, env, data)
     write_result(store, spec.run_id, result)
+    prune_checkpoints(store, spec.run_id, keep_checkpoints)
     log(f"run {spec.run_id} finished ({stopped}){where}: train acc {result['final_train_acc']:.4f}, "
         f"test acc {result['final_test_acc']:.4f}; {store.where(f'runs/{spec.run_id}/result.json')}")  # fmt: skip
     return result

@@ -3,6 +3,7 @@ decided once (`ExecOptions.resolve`), and the environment every result records."
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,21 @@ import rethink
 from rethink.errors import UserError
 from rethink.revision import git_revision
 from rethink.training import cpu
+
+KEEP_CHECKPOINTS = ("all", "last", "none")
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UserError(f"{name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise UserError(f"{name} must be positive, got {raw}")
+    return value
 
 
 @dataclass
@@ -28,8 +44,15 @@ class ExecOptions:
     progress: bool | None = None  # a progress bar; default: when stderr is a terminal
     eval_batch: int | None = None  # default: 4096 on CUDA, 1000 on the CPU
     deadline: float | None = None  # clock() value at which to checkpoint and stop (rethink run --time-budget)
+    lease_seconds: float = field(default_factory=lambda: _seconds_from_env("RETHINK_LEASE_SECONDS", 120.0))
+    lease_wait: float | None = None  # wait this long for another trainer's lease; default: lease_seconds + 30
+    keep_checkpoints: str = "last"  # of a finished run: all (both), last (checkpoint.pt), none
     clock: object = field(default=time.monotonic)  # the deadline's clock (monotonic: one per machine)
     log: object = field(default=print)
+
+    def __post_init__(self):
+        if self.keep_checkpoints not in KEEP_CHECKPOINTS:
+            raise UserError(f"keep_checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}, got {self.keep_checkpoints!r}")
 
     def resolve(self) -> Execution:
         """These options on their device, every default decided."""

@@ -47,6 +47,7 @@ from rethink.data.preprocess import preprocess
 from rethink.models import build_model, decayed_parameter_names
 from rethink.spec import RunSpec
 from rethink.store import Store
+from rethink.store.lease import Lease, LeaseHeld
 from rethink.store.runs import run_state, write_metrics, write_spec
 from rethink.summary import epoch_record, stop_reason
 from rethink.training.checkpoint import checkpoint, checkpoint_position, load_checkpoint, save_checkpoint
@@ -384,25 +385,40 @@ def train_pack(specs: list[RunSpec], store: Store, data: Cifar10, opts: ExecOpti
         for s in todo:
             results[s.run_id] = train_run(s, store, data, opts)
         return results
+    # One writer per run: the pack trains the members whose leases it gets; the others are someone else's.
+    leases = {s.run_id: Lease(store, s.run_id, ttl=opts.lease_seconds) for s in todo}
+    elsewhere = [s for s in todo if leases[s.run_id].try_acquire() is not None]
+    for s in elsewhere:
+        log(f"run {s.run_id}: another trainer holds its lease; the pack leaves it to that trainer")
+        del leases[s.run_id]
+    todo = [s for s in todo if s.run_id in leases and not run_state(store, s).finished]
     # SIGTERM is caught from the start, as the trainer does: one arriving while data loads stops the pack at
     # its first step boundary, checkpoints written.
-    with SigtermFlag() as sigterm:
-        n = len(data.train_y[: todo[0].train_subset])
-        n_batches = math.ceil(n / todo[0].batch_size)
-        members = [_load_member(s, store, n_batches, log) for s in todo]
-        groups: dict[tuple, list[_Member]] = {}
-        for m in members:
-            groups.setdefault(m.position, []).append(m)
-        if len(groups) > 1:
-            log(f"pack: members at {len(groups)} different positions; training each position's group on its own")
-        for position in sorted(groups, reverse=True):  # the most advanced first: they finish soonest
-            group = groups[position]
-            if sigterm.set:  # between groups nothing is half done: every member's checkpoint is current
-                raise Preempted("pack: SIGTERM; every member's checkpoint is current, exiting 143")
-            if len(group) == 1:
-                results[group[0].spec.run_id] = train_run(group[0].spec, store, data, opts)
-            else:
-                results.update(_train_together(group, store, data, opts, compile_mode, sigterm))
+    try:
+        with SigtermFlag() as sigterm:
+            n = len(data.train_y[: specs[0].train_subset])
+            n_batches = math.ceil(n / specs[0].batch_size)
+            members = [_load_member(s, store, n_batches, log) for s in todo]
+            groups: dict[tuple, list[_Member]] = {}
+            for m in members:
+                groups.setdefault(m.position, []).append(m)
+            if len(groups) > 1:
+                log(f"pack: members at {len(groups)} different positions; training each position's group on its own")
+            for position in sorted(groups, reverse=True):  # the most advanced first: they finish soonest
+                group = groups[position]
+                if sigterm.set:  # between groups nothing is half done: every member's checkpoint is current
+                    raise Preempted("pack: SIGTERM; every member's checkpoint is current, exiting 143")
+                if len(group) == 1:  # the trainer takes the run's lease itself
+                    leases.pop(group[0].spec.run_id).release()
+                    results[group[0].spec.run_id] = train_run(group[0].spec, store, data, opts)
+                else:
+                    results.update(_train_together(group, store, data, opts, compile_mode, sigterm, leases))
+    finally:
+        for lease in leases.values():
+            lease.release()
+    if elsewhere:
+        raise LeaseHeld(f"pack: {len(elsewhere)} of its runs are being trained by another trainer "
+                        f"({' '.join(s.run_id for s in elsewhere)}); the others are finished")  # fmt: skip
     return {s.run_id: results[s.run_id] for s in specs}
 
 
@@ -417,7 +433,7 @@ def _save_member(store: Store, pm: PackedModel, k: int, member: _Member, device,
 
 
 def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: ExecOptions,
-                    compile_mode: str | None, sigterm: SigtermFlag) -> dict[str, dict]:  # fmt: skip
+                    compile_mode: str | None, sigterm: SigtermFlag, leases: dict[str, Lease]) -> dict[str, dict]:  # fmt: skip
     """Train members that stand at the same position as one packed model, to the end of each."""
     log = opts.log
     ex = opts.resolve()
@@ -453,7 +469,12 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
 
     wd = weight_decay()
 
+    def renew(force: bool = False) -> None:
+        for m in members:
+            leases[m.spec.run_id].renew(force)
+
     def save_all(batch: int, t: float) -> None:
+        renew(force=True)  # a pack that lost a member's lease stops before it writes
         for k, m in enumerate(members):
             _save_member(store, pm, k, m, device, batch, step, epoch, loss_sum[k], grad_sq_sum[k], elapsed[k] + t)
 
@@ -465,7 +486,7 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
         rng_state = None
         steps = EpochSteps(sigterm, save_all, n_batches, batch_start, opts.checkpoint_minutes, progress,
                            f"pack epoch {epoch + 1}/{spec0.epochs}", f"pack of {len(members)}", opts.deadline,
-                           opts.clock)  # fmt: skip
+                           opts.clock, on_step=renew)  # fmt: skip
         t0 = steps.t0
         for b in range(batch_start, n_batches):
             x, y = train_batch(pd, perm, offsets, b, bs)
@@ -492,6 +513,7 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
         log(f"pack epoch {epoch}/{spec0.epochs}: {len(members)} runs, train loss "
             f"{min(v[0] for v in vals):.4f}..{max(v[0] for v in vals):.4f}, train acc {min(accs):.4f}.."
             f"{max(accs):.4f} ({len(members) * n / max(t_train, 1e-9):.0f} img/s)")  # fmt: skip
+        renew(force=True)
         keep: list[int] = []
         for k, (m, v) in enumerate(zip(members, vals)):
             rec = epoch_record(epoch, step, lr, v, n, pd.m, elapsed[k] + t_epoch, elapsed[k] + t_train)
@@ -500,7 +522,7 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
             stopped = stop_reason(m.spec, rec)
             if stopped != "cap" or epoch == m.spec.epochs:
                 results[m.spec.run_id] = finish_run(store, m.spec, m.metrics, stopped, env, data.provenance(), log,
-                                                    " in a pack")  # fmt: skip
+                                                    " in a pack", opts.keep_checkpoints)  # fmt: skip
             else:
                 keep.append(k)
         batch_start = 0

@@ -19,6 +19,7 @@ from rethink.data.device import batch_inputs, epoch_order, prepare_data
 from rethink.models import build_model
 from rethink.spec import RunSpec
 from rethink.store import Store
+from rethink.store.lease import Lease
 from rethink.store.runs import run_key, run_state, write_metrics, write_spec
 from rethink.summary import epoch_record, stop_reason
 from rethink.training.checkpoint import checkpoint, checkpoint_position, load_checkpoint, save_checkpoint
@@ -68,61 +69,83 @@ def train_run(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions | No
         if found.finished:
             log(f"run {rid} ({spec.label()}) is already finished: {store.where(run_key(rid, 'result.json'))}")
             return found.result
-        if found.state == "damaged":
-            log(f"warning: {found.detail}")
-        ex = opts.resolve()
-        prepare_device(ex.device)
-        write_spec(store, spec)
-        dd = prepare_data(spec, data, ex.device)
-        n, n_test, bs = dd.n_train, dd.test_y.shape[0], spec.batch_size
-        n_batches = math.ceil(n / bs)
-        use_cl = ex.channels_last and not spec.model.startswith("mlp")
-        model, opt, state, rotate = _start(spec, store, ex, n_batches, use_cl, log)
-        write_metrics(store, rid, state.metrics)  # drop any line written after the checkpoint we resume from
-        tracked = scale_invariant_weights(model) if spec.track_norms else []
-        net = torch.compile(model) if ex.compile else model
-        log(f"run {rid} ({spec.label()}): {n} train / {n_test} test images on {ex.device}; "
-            f"results in {store.where(f'runs/{rid}')}")  # fmt: skip
+        lease = Lease(store, rid, ttl=opts.lease_seconds)
+        wait = opts.lease_wait if opts.lease_wait is not None else opts.lease_seconds + 30
+        if not lease.acquire(wait, finished=lambda: run_state(store, spec).finished, log=log):
+            log(f"run {rid} was finished by another trainer meanwhile")
+            return run_state(store, spec).result
+        try:
+            return _train(spec, store, data, opts, sigterm, lease)
+        finally:
+            lease.release()
 
-        def save(batch: int, seconds: float) -> None:
-            nonlocal rotate
-            momentum = opt.state_dict()["momentum_buffers"] or None
-            save_checkpoint(store, rid, checkpoint(
-                spec, ex.device, epoch=state.epoch, batch=batch, step=state.step, model=model.state_dict(),
-                momentum=momentum, loss_sum=state.loss_sum, grad_sq_sum=state.grad_sq_sum, elapsed=seconds,
-                metrics=state.metrics), rotate)  # fmt: skip
-            rotate = True  # what we just wrote is good
 
-        stopped = "cap"
-        while state.epoch < spec.epochs:
-            lr = opt.lr = spec.lr * spec.lr_decay**state.epoch
-            perm, offsets = epoch_order(spec.seed, state.epoch, n, spec.random_crop, ex.device)
-            seed_dropout(spec.seed, state.epoch, state.rng if state.batch > 0 else None, ex.device)
-            net.train()
-            steps = EpochSteps(sigterm, save, n_batches, state.batch, opts.checkpoint_minutes, ex.progress,
-                               f"epoch {state.epoch + 1}/{spec.epochs}", f"run {rid}", opts.deadline, opts.clock,
-                               before=state.elapsed)  # fmt: skip
-            for b in range(state.batch, n_batches):
-                x, y = batch_inputs(dd, perm[b * bs : (b + 1) * bs], offsets, use_cl)
-                loss, grad_sq = sgd_step(net, opt, x, y, ex.amp, tracked)
-                if grad_sq is not None:
-                    state.grad_sq_sum += grad_sq
-                state.loss_sum += loss.double()
-                state.step += 1
-                steps.after(b)
-            steps.close()
-            rec = _end_of_epoch(net, dd, ex, state, lr, n_batches, tracked, use_cl, steps.t0)
-            state = RunState.start(ex.device, state.epoch + 1, state.step, [*state.metrics, rec])
-            log(f"run {rid} epoch {state.epoch}/{spec.epochs}: loss {rec['train_loss']:.4f} train acc "
-                f"{rec['train_acc']:.4f} test acc {rec['test_acc']:.4f} ({rec['images_per_second']:.0f} img/s)")  # fmt: skip
-            write_metrics(store, rid, state.metrics)
-            stopped = stop_reason(spec, rec)
-            if stopped != "cap" or state.epoch == spec.epochs:
-                break
-            save(0, 0.0)
-            if opts.deadline is not None and opts.clock() >= opts.deadline:
-                raise OutOfTime(f"run {rid}: time budget spent after epoch {state.epoch}; checkpoint written")
-        return finish_run(store, spec, state.metrics, stopped, ex.environment(), data.provenance(), log)
+def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigterm: SigtermFlag, lease: Lease) -> dict:
+    """The run, its lease held: one screen from the data to the result."""
+    log, rid = opts.log, spec.run_id
+    found = run_state(store, spec)  # again: another trainer may have finished it before we took the lease
+    if found.finished:
+        log(f"run {rid} was finished by another trainer meanwhile")
+        return found.result
+    if found.state == "damaged":
+        log(f"warning: {found.detail}")
+    store.sweep_temporaries(f"runs/{rid}")  # what a killed write left: no one else writes here now
+    ex = opts.resolve()
+    prepare_device(ex.device)
+    write_spec(store, spec)
+    dd = prepare_data(spec, data, ex.device)
+    n, n_test, bs = dd.n_train, dd.test_y.shape[0], spec.batch_size
+    n_batches = math.ceil(n / bs)
+    use_cl = ex.channels_last and not spec.model.startswith("mlp")
+    model, opt, state, rotate = _start(spec, store, ex, n_batches, use_cl, log)
+    write_metrics(store, rid, state.metrics)  # drop any line written after the checkpoint we resume from
+    tracked = scale_invariant_weights(model) if spec.track_norms else []
+    net = torch.compile(model) if ex.compile else model
+    log(f"run {rid} ({spec.label()}): {n} train / {n_test} test images on {ex.device}; "
+        f"results in {store.where(f'runs/{rid}')}")  # fmt: skip
+
+    def save(batch: int, seconds: float) -> None:
+        nonlocal rotate
+        lease.renew(force=True)  # a trainer that lost its lease stops before it writes
+        momentum = opt.state_dict()["momentum_buffers"] or None
+        save_checkpoint(store, rid, checkpoint(
+            spec, ex.device, epoch=state.epoch, batch=batch, step=state.step, model=model.state_dict(),
+            momentum=momentum, loss_sum=state.loss_sum, grad_sq_sum=state.grad_sq_sum, elapsed=seconds,
+            metrics=state.metrics), rotate)  # fmt: skip
+        rotate = True  # what we just wrote is good
+
+    stopped = "cap"
+    while state.epoch < spec.epochs:
+        lr = opt.lr = spec.lr * spec.lr_decay**state.epoch
+        perm, offsets = epoch_order(spec.seed, state.epoch, n, spec.random_crop, ex.device)
+        seed_dropout(spec.seed, state.epoch, state.rng if state.batch > 0 else None, ex.device)
+        net.train()
+        steps = EpochSteps(sigterm, save, n_batches, state.batch, opts.checkpoint_minutes, ex.progress,
+                           f"epoch {state.epoch + 1}/{spec.epochs}", f"run {rid}", opts.deadline, opts.clock,
+                           before=state.elapsed, on_step=lease.renew)  # fmt: skip
+        for b in range(state.batch, n_batches):
+            x, y = batch_inputs(dd, perm[b * bs : (b + 1) * bs], offsets, use_cl)
+            loss, grad_sq = sgd_step(net, opt, x, y, ex.amp, tracked)
+            if grad_sq is not None:
+                state.grad_sq_sum += grad_sq
+            state.loss_sum += loss.double()
+            state.step += 1
+            steps.after(b)
+        steps.close()
+        rec = _end_of_epoch(net, dd, ex, state, lr, n_batches, tracked, use_cl, steps.t0)
+        state = RunState.start(ex.device, state.epoch + 1, state.step, [*state.metrics, rec])
+        log(f"run {rid} epoch {state.epoch}/{spec.epochs}: loss {rec['train_loss']:.4f} train acc "
+            f"{rec['train_acc']:.4f} test acc {rec['test_acc']:.4f} ({rec['images_per_second']:.0f} img/s)")  # fmt: skip
+        lease.renew(force=True)
+        write_metrics(store, rid, state.metrics)
+        stopped = stop_reason(spec, rec)
+        if stopped != "cap" or state.epoch == spec.epochs:
+            break
+        save(0, 0.0)
+        if opts.deadline is not None and opts.clock() >= opts.deadline:
+            raise OutOfTime(f"run {rid}: time budget spent after epoch {state.epoch}; checkpoint written")
+    return finish_run(store, spec, state.metrics, stopped, ex.environment(), data.provenance(), log,
+                      keep_checkpoints=opts.keep_checkpoints)
 
 
 def _start(spec: RunSpec, store: Store, ex: Execution, n_batches: int, use_cl: bool, log):

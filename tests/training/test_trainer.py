@@ -178,9 +178,13 @@ def test_store_layout_and_file_modes(reference):
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "finished" and result["stopped"] == "cap" and result["epochs"] == 3
     assert result["spec"] == spec.to_dict()
-    written = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    # The run's records: spec.json first, result.json last (the lease, a coordination file, comes before and is
+    # given back after them).
+    written = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if "lease" not in p.name}
     assert written["spec.json"] == min(written.values())  # spec.json first ...
     assert written["result.json"] == max(written.values())  # ... result.json last
+    lease = json.loads((run / "lease.json").read_text())
+    assert lease["expires"] == 0.0  # given back
     umask = os.umask(0)
     os.umask(umask)
     for p in run.iterdir():  # written through temp files, yet readable like any file this user creates
