@@ -20,6 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     MPLBACKEND=Agg \
     XDG_CACHE_HOME=/data/.cache \
+    TMPDIR=/data \
     MPLCONFIGDIR=/data/.cache/matplotlib
 
 # A fixed numeric non-root user (the workflow's securityContext runs pods as 10001 with fsGroup 10001).

@@ -273,9 +273,12 @@ def _container(s: Settings, name: str, args: list[str], resources: Resources, **
         env=_env(s),
         resources=resources,
         volumes=[EmptyDirVolume(name="data", mount_path=DATA_DIR, size_limit="4Gi")],
+        # The root filesystem is read-only: a pod writes only to its /data volume (the image sends caches there,
+        # and temporary files: TMPDIR), so nothing it leaves behind can outlive it unnoticed.
         security_context=m.SecurityContext(
-            allow_privilege_escalation=False, capabilities=m.Capabilities(drop=["ALL"])
-        ),
+            allow_privilege_escalation=False, capabilities=m.Capabilities(drop=["ALL"]),
+            read_only_root_filesystem=True,
+        ),  # fmt: skip
         **kw,
     )
 
