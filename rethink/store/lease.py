@@ -52,18 +52,27 @@ def _pid_namespace() -> int | None:
         return None
 
 
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat), or None: with the pid, this names one
+    process even when pids (and namespace numbers) are reused, as they are by restarted containers."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def local_holder_alive(record: dict) -> bool | None:
     """Whether a lease's holder is a live process of this machine (True), a dead one (False), or elsewhere
     (None: only its lease's expiry can tell)."""
-    if record.get("host") != socket.gethostname() or record.get("pidns") is None or record["pidns"] != _pid_namespace():
+    if (record.get("host") != socket.gethostname() or record.get("pidns") is None
+            or record["pidns"] != _pid_namespace() or record.get("started") is None):  # fmt: skip
         return None
     try:
-        os.kill(int(record.get("pid", -1)), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, OverflowError):
-        return True
-    return True
+        pid = int(record.get("pid", -1))
+    except (TypeError, ValueError):
+        return None
+    return _process_start(pid) == record["started"]
 
 
 @dataclass
@@ -85,7 +94,8 @@ class Lease:
     def _record(self, expires: float) -> bytes:
         now = self.clock()
         return json.dumps({"holder": self.holder, "expires": expires, "renewed": now, "ttl": self.ttl,
-                           "host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace()}).encode()  # fmt: skip
+                           "host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(),
+                           "started": _process_start(os.getpid())}).encode()  # fmt: skip
 
     def _held_by_other(self, record: dict | None) -> bool:
         if record is None or record.get("holder") == self.holder or record.get("expires", 0) == 0.0:
