@@ -10,3 +10,4 @@ agg --suite fig1bc --seeds 3
 agg --suite fig2b
 agg --suite regularizers
 agg --suite full
+python results/readme.py

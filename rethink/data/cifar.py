@@ -44,8 +44,6 @@ LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 SYNTHETIC_KEY = b"rethink_synthetic"
 URL_ENV = "RETHINK_CIFAR10_URL"  # a mirror of the official archive, e.g. inside an air-gapped network
 
-IMAGE = 32
-
 
 @dataclass(frozen=True)
 class Cifar10:

@@ -13,10 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from rethink.data.cifar import DIRNAME, LABEL_NAMES, META_FILE, SYNTHETIC_KEY, TEST_FILE, TRAIN_FILES, synthetic_identity
+from rethink.data.cifar import (
+    DIRNAME,
+    LABEL_NAMES,
+    META_FILE,
+    SYNTHETIC_KEY,
+    TEST_FILE,
+    TRAIN_FILES,
+    synthetic_identity,
+)
 from rethink.errors import UserError
 from rethink.paper import IMAGE
-
 
 DEFAULT_SIZE = (10_000, 2_000)  # the set --synthetic creates (train, test images; seed 0) when none exists yet
 

@@ -3,11 +3,13 @@ rough estimate for CPUs that says how it was made."""
 
 from __future__ import annotations
 
-import os
-import platform
 from pathlib import Path
 
 import torch
+
+from rethink.training.options import cpu_name
+
+__all__ = ["GPU_PEAKS", "cpu_name", "cpu_peak", "device_peak"]
 
 # Dense data-sheet peaks in TFLOP/s: (name fragment, label, bf16 tensor cores, TF32 tensor cores, fp32 without
 # tensor cores). First match wins, so the more specific names come first.
@@ -34,16 +36,6 @@ def device_peak(device: torch.device, amp: bool) -> tuple[float | None, str]:
                 return tf32, f"{label} TF32 tensor-core dense (data sheet; float32 runs allow TF32)"
         return None, f"unknown ({name} is not in perf.peaks.GPU_PEAKS)"
     return cpu_peak()
-
-
-def cpu_name() -> str:
-    """The CPU's model name and logical CPU count, e.g. 'AMD EPYC (2 CPUs)'."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "cpu"
-    return f"{name} ({os.cpu_count()} CPUs)"
 
 
 def cpu_peak() -> tuple[float | None, str]:

@@ -7,6 +7,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -106,11 +107,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_name() -> str:
+    """The CPU's model name and logical CPU count, e.g. 'AMD EPYC (2 CPUs)'."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "cpu"
+    return f"{name} ({os.cpu_count()} CPUs)"
+
+
 def environment(device: torch.device) -> dict:
     """The machine and software: device, torch, Python, package version, code revision, threads."""
     return {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "rethink": rethink.__version__,
