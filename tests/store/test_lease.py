@@ -95,6 +95,37 @@ def _train_cmd(data_dir, store_url):
     return [sys.executable, "-m", "rethink", "train", *ARGS, "--data-dir", str(data_dir), "--store", store_url]
 
 
+# The first trainer pauses after its first checkpoint until the test lets it go: the second one is started
+# while it holds the run, whatever the machine's speed.
+_PAUSE_AFTER_FIRST_CHECKPOINT = """
+import pathlib, sys, time
+import rethink.training.trainer as train
+from rethink.cli import main
+
+gate, argv = pathlib.Path(sys.argv[1]), sys.argv[2:]
+save = train.save_checkpoint
+
+def save_then_pause(*a, **k):
+    save(*a, **k)
+    if not (gate / "go").exists():
+        (gate / "paused").touch()
+        while not (gate / "go").exists():
+            time.sleep(0.05)
+
+train.save_checkpoint = save_then_pause
+sys.exit(main(argv))
+"""
+
+
+def _wait_for(predicate, what: str, timeout: float = 120) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_two_trainers_of_one_run_train_it_once(kind, train_data_dir, tmp_path, one_thread_env, request,
                                                without_timing):  # fmt: skip
@@ -104,17 +135,23 @@ def test_two_trainers_of_one_run_train_it_once(kind, train_data_dir, tmp_path, o
     else:
         env.update(request.getfixturevalue("s3_env").env)
         url = request.getfixturevalue("s3_url")
-    procs = [subprocess.Popen(_train_cmd(train_data_dir, url), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    trained = [o for o in outs if "epoch 1/3" in o]
-    waited = [o for o in outs if "waiting for" in o]
-    assert len(trained) == 1 and len(waited) == 1, outs  # exactly one trained; the other waited for it
-    assert "finished by another trainer" in waited[0] or "already finished" in waited[0]
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    cmd = _train_cmd(train_data_dir, url)
+    first = subprocess.Popen([sys.executable, "-c", _PAUSE_AFTER_FIRST_CHECKPOINT, str(gate), *cmd[3:]], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    _wait_for(lambda: (gate / "paused").exists() or first.poll() is not None, "the first trainer's checkpoint")
+    second = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    waiting = second.stdout.readline() + second.stdout.readline()  # its run line, then (it must) its wait
+    (gate / "go").touch()
+    outs = [first.communicate(timeout=300)[0], waiting + second.communicate(timeout=300)[0]]
+    assert [first.returncode, second.returncode] == [0, 0], outs
+    assert "waiting for" in outs[1] and "which holds its lease" in outs[1], outs[1]
+    assert "epoch 1/3" in outs[0] and "epoch 1/3" not in outs[1]  # exactly one trained ...
+    assert "finished by another trainer" in outs[1]  # ... and the other found its result
     spec = RunSpec(model="mlp-1x512", batch_size=50, epochs=3, dataset=load_cifar10(train_data_dir).identity)
     lone = tmp_path / "lone"
-    subprocess.run(_train_cmd(train_data_dir, str(lone)), env=one_thread_env, check=True, capture_output=True)
+    subprocess.run(cmd[:-1] + [str(lone)], env=one_thread_env, check=True, capture_output=True)
     assert without_timing(read_metrics(open_store(url) if kind == "s3" else LocalStore(url), spec.run_id)) == \
         without_timing(read_metrics(LocalStore(lone), spec.run_id))  # fmt: skip
 
