@@ -53,7 +53,7 @@ make_base() {
     # copies (which it cannot uninstall), while torch and torchvision come from Debian's site-packages.
     chroot "$root" python3 -m venv --system-site-packages --without-pip /opt/venv
     chroot "$root" apt-get clean
-    rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/log/* "$root"/tmp/* "$root"/root/.cache
+    rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/log/* "$root"/tmp/* "$root/root"/.cache
     : >"$root/etc/resolv.conf"  # the engine provides one in every container
     tar -C "$root" --numeric-owner -c . | "${ENGINE[@]}" import --quiet --change 'CMD ["python3"]' \
         --change "ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
