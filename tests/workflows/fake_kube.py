@@ -13,10 +13,12 @@ import copy
 import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import yaml
+
+from tests.workflows.local_http import LocalHTTPServer
 
 TOKEN = "fake-kube-token"
 USER = "alice@example.com"
@@ -80,7 +82,7 @@ def attributes(method: str, path: str) -> tuple[str, str, str, str | None, str |
     return verb, group, rest[0], name, namespace
 
 
-class FakeKube:
+class FakeKube(LocalHTTPServer):
     """The API server; `requests` records (method, path, body) of every call it answered."""
 
     def __init__(self):
@@ -112,17 +114,7 @@ class FakeKube:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
     def kubeconfig(self, directory: Path, token: str = TOKEN, context: str = "fake") -> Path:
         """A kubeconfig file for this server (context `context`, also the current one)."""

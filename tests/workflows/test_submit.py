@@ -8,14 +8,14 @@ import json
 import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.cli.test_cli import undocumented_defaults
+from tests.workflows.local_http import LocalHTTPServer
 from workflows import builder as rw
 from workflows import golden, submit
 
@@ -25,7 +25,7 @@ CREATED_NAME = "rethink-fig2b-x7k2p"
 ARGS = ["--suite", "fig2b", "--profile", "local", "--synthetic", "--skip-preflight"]
 
 
-class FakeArgo:
+class FakeArgo(LocalHTTPServer):
     """A tiny Argo Server: records each request, answers POST /api/v1/workflows/<ns> like Argo does, and
     GET /api/v1/workflows/<ns>/<name> with `workflows[name]`."""
 
@@ -67,17 +67,7 @@ class FakeArgo:
             def log_message(self, *args):  # keep pytest's output clean
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 def closed_port() -> int:
