@@ -80,7 +80,7 @@ fi
 # 2. Correctness on the device: bf16 vs fp32 and compiled vs eager losses, packs vs unpacked twins.
 if (($(elapsed) <= BUDGET)); then
   echo "[$(elapsed)s] pytest -m gpu" | tee -a "$OUTDIR/log.txt"
-  timeout "$LIMIT" python -m pytest -q -m gpu -p no:cacheprovider tests/test_bench.py tests/test_pack.py \
+  timeout "$LIMIT" python -m pytest -q -m gpu -p no:cacheprovider tests/perf/test_bench.py tests/training/test_packed.py \
     >"$OUTDIR/pytest.txt" 2>&1
   echo "pytest -m gpu: exit $? ($(tail -n 1 "$OUTDIR/pytest.txt"))" | tee -a "$OUTDIR/log.txt"
 fi

@@ -5,7 +5,7 @@ What is timed is the trainer's own work: the same resident data, preprocessing, 
 memory (or the files under --data-dir). Rates are steady state: `warmup` steps (and one evaluation pass)
 run first, so compilation and allocator warm-up are not counted; CUDA events time the GPU, perf_counter
 the CPU. `--epochs E` also runs the real trainer end to end for 1 + E epochs and reports its own clocks.
-`--baseline` measures the typical pipeline of rethink/baseline.py on the same device and data.
+`--baseline` measures the typical pipeline of rethink/perf/baseline.py on the same device and data.
 
 FLOPs are counted by torch.utils.flop_counter (matmuls and convolutions, forward and backward; elementwise
 work is not counted), so utilization is a lower bound of the work the device does. Peaks are the vendors'

@@ -209,7 +209,7 @@ def undocumented_defaults(parser: argparse.ArgumentParser) -> list[str]:
 
 
 # Options whose help still says "(default: None)"; the words the help should carry instead. An option fixed in
-# rethink/cli.py can leave this list; a new option must not join it.
+# rethink/cli/parser.py can leave this list; a new option must not join it.
 PENDING_HELP: dict = {}  # options whose help does not yet say what happens without them
 
 

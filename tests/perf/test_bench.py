@@ -2,7 +2,7 @@
 
 The trainer (data resident on the device, a whole-set preprocessing pass, randperm orders from epoch_seed,
 foreach SGD) must give, on the CPU in float32, exactly the per-step losses of a plain PyTorch loop over the
-same data order; the typical DataLoader pipeline of rethink/baseline.py, fed that order, must agree to
+same data order; the typical DataLoader pipeline of rethink/perf/baseline.py, fed that order, must agree to
 float rounding. Timings are never asserted.
 """
 

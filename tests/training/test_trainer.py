@@ -74,7 +74,7 @@ def reference(tmp_path_factory, train_data_dir, one_thread):
     return get
 
 
-# `rethink train ARGV` that sends itself SIG right after its AFTER-th checkpoint write (as tests/test_pack.py does):
+# `rethink train ARGV` that sends itself SIG right after its AFTER-th checkpoint write (as tests/training/test_packed.py does):
 # the signal lands at a position fixed by the arguments, not by the speed of the machine.
 _SIGNAL_AFTER = """
 import os, signal, sys

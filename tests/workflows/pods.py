@@ -3,8 +3,8 @@
 `Pods.pod` resolves what Kubernetes would make of a task: the template's args with the task's parameters
 filled in, its environment with Secret references resolved, its labels, and a fresh, empty directory for
 each volume (a retried pod is a new pod). How a pod then runs is a subclass's business: `LocalPods` runs it
-as a process of this checkout (tests/test_cluster_e2e.py), `ContainerPods` as a container of the image
-(tests/test_container.py).
+as a process of this checkout (tests/workflows/test_cluster_e2e.py), `ContainerPods` as a container of the image
+(tests/workflows/test_container.py).
 """
 
 from __future__ import annotations
