@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rethink.cli.options import (
@@ -83,7 +84,6 @@ def spec_from_args(args, dataset: str):
 def cmd_train(args) -> int:
     from rethink.store import open_store
     from rethink.store.runs import run_state
-    from rethink.training.trainer import train_run
 
     if args.pack_index is not None or args.pack != 1:
         return _train_pack(args)
@@ -103,8 +103,11 @@ def cmd_train(args) -> int:
     if run_state(store, spec).finished:  # no need to load (or download) any data
         print(f"run {spec.run_id} is already finished: {store.where(f'runs/{spec.run_id}/result.json')}")
         return 0
-    data = load_data(args)
-    train_run(spec, store, data, exec_options(args))
+    with ThreadPoolExecutor(1) as reader:  # read the files (torch-free) while torch imports
+        data = reader.submit(load_data, args)
+        from rethink.training.trainer import train_run
+
+        train_run(spec, store, data.result(), exec_options(args))
     return 0
 
 
