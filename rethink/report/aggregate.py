@@ -8,7 +8,6 @@ A section renderer is the experiment's own (experiments/*, Component.render); it
 from __future__ import annotations
 
 import json
-import time
 
 from rethink import suites
 from rethink.paper import DEFAULT_LR, DISPLAY
@@ -164,12 +163,14 @@ def aggregate(store: Store, suite: str, o: suites.Options, log=print,
     synthetic = any(s.synthetic for s in all_specs) or any(r and r.get("synthetic") for r in results.values())
     status, counts = _status(all_specs, states, selection)
     n_done = counts.get("finished", 0)
+    # No clock: the same records render to the same bytes (results/ is re-rendered and diffed).
+    last = max((r["finished_at"] for r in results.values() if r and r.get("finished_at")), default=None)
     head = [f"# Rethinking generalization: suite `{suite}`", ""]
     if synthetic:
         head += [f"> **{SYNTHETIC_BANNER}**", ""]
     head += [
-        f"{info.description[:1].upper() + info.description[1:]}. {n_done} of {len(all_specs)} runs finished; generated "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {store.where()}.",
+        f"{info.description[:1].upper() + info.description[1:]}. {n_done} of {len(all_specs)} runs finished"
+        f"{f' (the last at {last})' if last else ''}; rendered from {store.where()}.",
         "",
         "Reproduction of Zhang, Bengio, Hardt, Recht and Vinyals, *Understanding Deep Learning Requires "
         "Rethinking Generalization* (ICLR 2017), CIFAR-10 experiments.",

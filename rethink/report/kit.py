@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -71,7 +72,8 @@ class Context:
         """Write `fig` as <name>.png and <name>.svg; returns the two file names."""
         png, svg = io.BytesIO(), io.BytesIO()
         fig.savefig(png, format="png", dpi=130, bbox_inches="tight")
-        fig.savefig(svg, format="svg", bbox_inches="tight", metadata={"Date": None})
+        with matplotlib.rc_context({"svg.hashsalt": name}):  # fixed element ids: the same records give the same bytes
+            fig.savefig(svg, format="svg", bbox_inches="tight", metadata={"Date": None})
         self.images[f"{name}.png"] = png.getvalue()
         self.write_bytes(f"{name}.png", png.getvalue())
         self.write_bytes(f"{name}.svg", svg.getvalue())

@@ -121,6 +121,21 @@ def test_smoke_report_writes_every_file(smoke):
         assert b"<svg" in store.read_bytes(f"reports/smoke/{f}.svg")
 
 
+def test_the_same_records_render_the_same_bytes(smoke, tmp_path):
+    """results/ is re-rendered and diffed: no clock in the text, no random ids in the SVGs."""
+    store, keys, *_ = smoke
+    first = {k: store.read_bytes(k) for k in keys}
+    again = LocalStore(tmp_path)
+    for key in store.list("runs/"):
+        again.write_bytes(key, store.read_bytes(key))
+    keys2, _ = aggregate(again, "smoke", O1)
+    assert sorted(keys2) == sorted(keys)
+    here, there = again.where().encode(), store.where().encode()  # the report names the store it read
+    assert [k for k in keys if again.read_bytes(k).replace(here, there) != first[k]] == []
+    last = max(json.loads(store.read_text(k))["finished_at"] for k in store.list("runs/") if k.endswith("result.json"))
+    assert f"(the last at {last})" in read(store, "smoke", "report.md")
+
+
 def test_table1_has_the_papers_numbers_and_ours(smoke):
     store, *_ = smoke
     rows = table1_rows(store)
