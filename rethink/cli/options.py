@@ -61,7 +61,7 @@ def add_exec_options(p: argparse.ArgumentParser) -> None:
                         "bench/gpu.sh has shown bf16 and float32 runs agree; evaluation is float32 either way")
     p.add_argument("--no-onednn", action="store_true",
                    help="on the CPU, run fully connected layers through PyTorch's default BLAS instead of oneDNN "
-                        "(default: oneDNN, ~2x faster on some CPUs; same function up to rounding)")  # fmt: skip
+                        "(default: oneDNN unless --compile, ~2x faster on some CPUs; same function up to rounding)")  # fmt: skip
     p.add_argument("--checkpoint-minutes", type=float, default=10.0,
                    help="also checkpoint mid-epoch when this many minutes passed since the last checkpoint")  # fmt: skip
     p.add_argument("--keep-checkpoints", choices=("all", "last", "none"), default="last",

@@ -115,8 +115,8 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
     use_cl = channels_last and not spec.model.startswith("mlp")
     torch.manual_seed(spec.seed)
     model = build_model(spec.model).to(device)
-    if device.type == "cpu":
-        use_onednn_linears(model)  # as train_run does by default
+    if device.type == "cpu" and not compile:
+        use_onednn_linears(model)  # as train_run does by default (not when compiled)
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
     opt = make_sgd(model, spec)

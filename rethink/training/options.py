@@ -40,7 +40,7 @@ class ExecOptions:
     amp: bool = False  # bf16 autocast of training steps (explicit: float32, TF32 on CUDA, until bf16 is validated)
     channels_last: bool | None = None  # default: on for convolutional models on CUDA
     compile: bool = False
-    onednn: bool | None = None  # fully connected layers through oneDNN; default: on for the CPU (training/cpu.py)
+    onednn: bool | None = None  # fully connected layers through oneDNN; default: on for the CPU unless compiled
     checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch when an epoch runs longer than this
     progress: bool | None = None  # a progress bar; default: when stderr is a terminal
     eval_batch: int | None = None  # default: 4096 on CUDA, 1000 on the CPU
@@ -65,7 +65,9 @@ class ExecOptions:
             device=device,
             amp=bool(self.amp),
             channels_last=self.channels_last if self.channels_last is not None else cuda,
-            onednn=device.type == "cpu" and (self.onednn if self.onednn is not None else True) and cpu.available(),
+            # Not under torch.compile: inductor does its own fusions and cannot lower the oneDNN linear's weight.
+            onednn=device.type == "cpu" and (self.onednn if self.onednn is not None else not self.compile)
+            and cpu.available(),
             compile=self.compile,
             eval_batch=self.eval_batch or (4096 if cuda else 1000),
             progress=self.progress if self.progress is not None else sys.stderr.isatty(),

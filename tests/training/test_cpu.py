@@ -1,6 +1,7 @@
 """oneDNN fully connected layers: the same parameters, outputs and gradients as nn.Linear, up to rounding."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -39,3 +40,19 @@ def test_falls_back_outside_float32_2d():
     assert torch.equal(fast(x3), layer(x3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast(torch.randn(3, 8)).dtype == torch.bfloat16
+
+
+def test_compiled_runs_leave_the_linears_to_inductor(train_data_dir, tmp_path, capsys):
+    """Inductor cannot lower the oneDNN linear (its weight is not a graph constant): `--compile` on the CPU
+    keeps PyTorch's own nn.Linear, and a compiled MLP run trains to its end."""
+    from rethink.cli import main
+    from rethink.training.options import ExecOptions
+
+    assert ExecOptions(device="cpu").resolve().onednn == available()
+    assert ExecOptions(device="cpu", compile=True).resolve().onednn is False
+    assert ExecOptions(device="cpu", onednn=False).resolve().onednn is False
+    args = ["train", "--model", "mlp-1x512", "--epochs", "1", "--train-subset", "256", "--compile", "--device", "cpu",
+            "--data-dir", str(train_data_dir), "--store", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    (result,) = tmp_path.glob("runs/*/result.json")
+    assert json.loads(result.read_text())["environment"]["compile"] is True
