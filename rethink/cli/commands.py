@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -103,12 +104,17 @@ def cmd_train(args) -> int:
     if run_state(store, spec).finished:  # no need to load (or download) any data
         print(f"run {spec.run_id} is already finished: {store.where(f'runs/{spec.run_id}/result.json')}")
         return 0
-    with ThreadPoolExecutor(1) as reader:  # read the files (torch-free) while torch imports
-        data = reader.submit(load_data, args)
-        from rethink.training.trainer import train_run
-
-        train_run(spec, store, data.result(), exec_options(args))
+    data, train_run = _data_and(args, "rethink.training.trainer", "train_run")
+    train_run(spec, store, data, exec_options(args))
     return 0
+
+
+def _data_and(args, module: str, name: str):
+    """The data set, read (torch-free) in a thread while `module` imports torch, and `module.name`."""
+    with ThreadPoolExecutor(1) as reader:
+        data = reader.submit(load_data, args)
+        function = getattr(importlib.import_module(module), name)
+        return data.result(), function
 
 
 def _train_pack(args) -> int:
@@ -116,7 +122,6 @@ def _train_pack(args) -> int:
     from rethink.store import open_store
     from rethink.store.runs import run_state
     from rethink.training.grouping import suite_pack
-    from rethink.training.packed import train_pack
 
     if args.suite is None or args.pack_index is None or args.index is not None:
         raise UserError("--pack goes with --suite S --pack-index J (not --index): rethink train --suite S --pack K "
@@ -127,7 +132,8 @@ def _train_pack(args) -> int:
     print(f"pack {args.pack_index}: {len(pack)} {pack[0].model} runs, {len(pack) - len(todo)} already finished -> "
           f"{store.where('runs')}", flush=True)  # fmt: skip
     if todo:  # a finished pack needs no data
-        train_pack(pack, store, load_data(args), exec_options(args))
+        data, train_pack = _data_and(args, "rethink.training.packed", "train_pack")
+        train_pack(pack, store, data, exec_options(args))
     return 0
 
 

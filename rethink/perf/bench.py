@@ -108,15 +108,15 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
     from rethink.training.cpu import use_onednn_linears
     from rethink.training.loop import evaluate, sgd_step
     from rethink.training.optim import make_sgd
-    from rethink.training.options import prepare_device
+    from rethink.training.options import ExecOptions, prepare_device
 
     prepare_device(device)  # as train_run does
     dd = prepare_data(spec, data, device)
     use_cl = channels_last and not spec.model.startswith("mlp")
     torch.manual_seed(spec.seed)
     model = build_model(spec.model).to(device)
-    if device.type == "cpu" and not compile:
-        use_onednn_linears(model)  # as train_run does by default (not when compiled)
+    if ExecOptions(device=str(device), compile=compile).resolve().onednn:  # train_run's default decision
+        use_onednn_linears(model)
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
     opt = make_sgd(model, spec)
