@@ -235,6 +235,10 @@ def _bench(sub) -> None:
     p.add_argument("--baseline", action="store_true",
                    help="also measure the typical pipeline (PIL transforms, DataLoader, eager fp32) and the ratio")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the --baseline pipeline")
+    p.add_argument("--reference", action="store_true",
+                   help="also measure the reference model in the same run (the layers as models.py writes them, "
+                        "contiguous memory, evaluation batches of 1000: the CPU path before the fast layers) and "
+                        "print the ratio of their epochs")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the record as JSON (fields: docs/performance.md)")
 
     p.set_defaults(func=commands.cmd_bench)

@@ -39,7 +39,8 @@ FIELDS = (
     "train_images", "test_images", "data",
     "train_images_per_s", "eval_images_per_s", "epoch_seconds", "run_epochs_per_s",
     "flops_per_train_image", "flops_per_eval_image", "train_tflops", "peak_tflops", "peak", "mfu",
-    "measured", "baseline", "speedup", "measured_speedup",
+    "measured", "baseline", "speedup", "measured_speedup", "fast_layers", "eval_batch", "reference",
+    "reference_ratio",
 )  # fmt: skip
 
 
@@ -101,26 +102,21 @@ class Timer:
 # ---------------------------------------------------------------------------------------------- measurements
 
 
-def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: bool, channels_last: bool,
-                    compile: bool, compile_mode: str | None, warmup: int, steps: int, eval_batch: int) -> dict:  # fmt: skip
-    """Steady-state rates of the unpacked trainer's step and evaluation (the body of train.train_run's loop)."""
+def measure_trainer(spec: RunSpec, data: Cifar10, ex, compile_mode: str | None, warmup: int, steps: int) -> dict:
+    """Steady-state rates of the unpacked trainer's step and evaluation (the body of train.train_run's loop), on
+    the model train_run builds for the resolved execution `ex`."""
     from rethink.data.device import batch_inputs, epoch_order, prepare_data
-    from rethink.training.cpu import use_onednn_linears
     from rethink.training.loop import evaluate, sgd_step
     from rethink.training.optim import make_sgd
-    from rethink.training.options import ExecOptions, prepare_device
+    from rethink.training.options import prepare_device
+    from rethink.training.trainer import build_run_model
 
+    device, use_cl, eval_batch = ex.device, ex.channels_last, ex.eval_batch
     prepare_device(device)  # as train_run does
     dd = prepare_data(spec, data, device)
-    use_cl = channels_last and not spec.model.startswith("mlp")
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.model).to(device)
-    if ExecOptions(device=str(device), compile=compile).resolve().onednn:  # train_run's default decision
-        use_onednn_linears(model)
-    if use_cl:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_run_model(spec, ex)
     opt = make_sgd(model, spec)
-    compiled = torch.compile(model, mode=compile_mode) if compile else model
+    compiled = torch.compile(model, mode=compile_mode) if ex.compile else model
     n, bs = dd.n_train, spec.batch_size
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     order = {"epoch": -1}
@@ -132,7 +128,7 @@ def measure_trainer(spec: RunSpec, data: Cifar10, device: torch.device, amp: boo
     def step(b: int):
         nonlocal loss_sum
         x, y = batch_inputs(dd, order["perm"][b * bs : (b + 1) * bs], order["offsets"], use_cl)
-        loss_sum += sgd_step(compiled, opt, x, y, amp)[0].double()
+        loss_sum += sgd_step(compiled, opt, x, y, ex.amp)[0].double()
 
     def evaluate_all():
         evaluate(compiled, dd.train_pre, dd.train_y, eval_batch, use_cl)
@@ -242,6 +238,16 @@ def baseline_data(data: Cifar10, data_dir: str | None, n_train: int, n_test: int
             np.asarray(test.targets))  # fmt: skip
 
 
+# The reference a fast path is measured against: the models as written in models.py, in contiguous memory, evaluated
+# 1000 images at a time (the CPU defaults before the fast path).
+REFERENCE = {"fast_layers": False, "channels_last": False, "eval_batch": 1000}
+
+
+def layout_name(fast_layers: bool, channels_last: bool, eval_batch: int) -> str:
+    return (f"{'fast layers' if fast_layers else 'reference layers'}, "
+            f"{'channels_last' if channels_last else 'contiguous'}, evaluation batch {eval_batch}")  # fmt: skip
+
+
 def epoch_seconds(train_ips: float, eval_ips: float, k: int = 1) -> float:
     """Seconds of one CIFAR-10 epoch of all k runs: 50k training images, then evaluation of 50k + 10k."""
     return k * (EPOCH_TRAIN / train_ips + EPOCH_EVAL / eval_ips)
@@ -253,10 +259,12 @@ def epoch_seconds(train_ips: float, eval_ips: float, k: int = 1) -> float:
 def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False, compile_mode: str | None = None,
           amp: bool = False, batch_size: int = 128, steps: int = 50, warmup: int = 10,
           data_dir: str | None = None, baseline: bool = False, workers: int = 2, epochs: int = 0,
-          train_images: int | None = None, test_images: int | None = None, log=print) -> dict:  # fmt: skip
-    """Measure one configuration; the record `rethink bench --json` prints."""
+          train_images: int | None = None, test_images: int | None = None, reference: bool = False,
+          log=print) -> dict:  # fmt: skip
+    """Measure one configuration; the record `rethink bench --json` prints. With `reference`, also the reference
+    model in the same run (REFERENCE: no fast layers, contiguous memory, the old evaluation batch) and the ratio."""
     import rethink
-    from rethink.training.options import resolve_device
+    from rethink.training.options import ExecOptions, resolve_device
 
     if model not in MODELS:
         raise UserError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
@@ -264,7 +272,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
         raise UserError("--pack, --steps and --batch-size must be at least 1; --warmup and --epochs at least 0")
     dev = resolve_device(device)
     amp = bool(amp)
-    channels_last = dev.type == "cuda" and pack == 1 and not model.startswith("mlp")
+    ex = ExecOptions(device=str(dev), amp=amp, compile=compile).resolve(model if pack == 1 else None)
     if train_images is None:
         train_images = 50_000 if epochs else min(50_000, (warmup + steps) * batch_size)
     if test_images is None:
@@ -279,7 +287,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
     spec = RunSpec(model=model, dataset=data.identity, batch_size=batch_size, train_subset=train_images,
                    test_subset=test_images, epochs=1)  # fmt: skip
     specs = [spec.replace(seed=k) for k in range(pack)]
-    eval_batch = 4096 if dev.type == "cuda" else 1000
+    eval_batch = ex.eval_batch
     log(f"bench {model}: pack {pack}, {dev}, {'bf16' if amp else 'fp32'}{' + compile' if compile else ''}, "
         f"{warmup} warm-up + {steps} timed steps of {batch_size} on {train_images} / {test_images} images")  # fmt: skip
     b = None
@@ -297,7 +305,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
             b["measured"] = {"epochs": len(runs), "epoch_seconds": sum(r["epoch_seconds"] for r in runs) / len(runs),
                              "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)}  # fmt: skip
     if pack == 1:
-        rates = measure_trainer(spec, data, dev, amp, channels_last, compile, compile_mode, warmup, steps, eval_batch)
+        rates = measure_trainer(spec, data, ex, compile_mode, warmup, steps)
     else:
         rates = measure_pack(specs, data, dev, amp, compile, compile_mode, warmup, steps, eval_batch)
     train_flops, eval_flops = flops_per_image(model)
@@ -315,7 +323,9 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
         "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "precision": "bf16 autocast" if amp else "fp32",
-        "channels_last": channels_last,
+        "channels_last": ex.channels_last,
+        "fast_layers": ex.fast_layers,
+        "eval_batch": eval_batch,
         "compile": compile,
         "compile_mode": compile_mode if compile else None,
         "batch_size": batch_size,
@@ -337,7 +347,20 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
         "baseline": None,
         "speedup": None,
         "measured_speedup": None,
+        "reference": None,
+        "reference_ratio": None,
     }
+    if reference:
+        if pack != 1:
+            raise UserError("--reference compares single runs: drop --pack")
+        ref = ExecOptions(device=str(dev), amp=amp, compile=compile, **REFERENCE).resolve(model)
+        log(f"bench {model}: the reference ({layout_name(ref.fast_layers, ref.channels_last, ref.eval_batch)}), "
+            "same steps")
+        r = measure_trainer(spec, data, ref, compile_mode, warmup, steps)
+        r["epoch_seconds"] = epoch_seconds(r["train_images_per_s"], r["eval_images_per_s"])
+        r.update(channels_last=ref.channels_last, fast_layers=ref.fast_layers, eval_batch=ref.eval_batch)
+        record["reference"] = r
+        record["reference_ratio"] = r["epoch_seconds"] / seconds
     if epochs:
         log(f"bench {model}: {1 + epochs} epochs of the real trainer (the first is warm-up)")
         record["measured"] = measure_epochs(specs, data, str(dev), amp, compile, compile_mode, epochs)
@@ -358,7 +381,9 @@ def _si(x: float) -> str:
 
 def format_record(r: dict) -> str:
     """A few human lines for one bench record."""
-    how = f"{r['precision']}{', channels_last' if r['channels_last'] else ''}{', compile' if r['compile'] else ''}"
+    how = (f"{r['precision']}{', channels_last' if r['channels_last'] else ''}"
+           f"{', fast layers' if r.get('fast_layers') else ''}{', compile' if r['compile'] else ''}, "
+           f"eval batch {r.get('eval_batch', '?')}")  # fmt: skip
     lines = [
         f"{r['model']}, pack {r['pack']}, {r['device']} ({r['device_name']}), torch {r['torch']}, {how}, "
         f"batch {r['batch_size']}",
@@ -377,6 +402,11 @@ def format_record(r: dict) -> str:
         m = r["measured"]
         lines.append(f"  measured  {m['epoch_seconds']:.3f} s per epoch of the real trainer ({m['epochs']} epochs "
                      f"on {r['train_images']} / {r['test_images']} images), {m['run_epochs_per_s']:.2f} run-epochs/s")
+    if r.get("reference"):
+        f = r["reference"]
+        lines.append(f"  reference {f['train_images_per_s']:,.0f} img/s train, {f['eval_images_per_s']:,.0f} img/s eval, "
+                     f"{f['epoch_seconds']:.3f} s per epoch ({layout_name(f['fast_layers'], f['channels_last'], f['eval_batch'])}) -> this path is "
+                     f"{r['reference_ratio']:.2f}x faster per epoch")  # fmt: skip
     if r["baseline"]:
         b = r["baseline"]
         lines.append(f"  baseline  {b['train_images_per_s']:,.0f} img/s train, {b['eval_images_per_s']:,.0f} img/s "
@@ -406,6 +436,7 @@ def run_cli(args) -> int:
         epochs=args.epochs,
         train_images=args.train_images,
         test_images=args.test_images,
+        reference=getattr(args, "reference", False),
         log=(lambda m: None) if args.json else (lambda m: print(m, flush=True)),
     )
     print(json.dumps(record, indent=2) if args.json else format_record(record))

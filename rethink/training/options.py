@@ -38,12 +38,13 @@ class ExecOptions:
 
     device: str = "auto"
     amp: bool = False  # bf16 autocast of training steps (explicit: float32, TF32 on CUDA, until bf16 is validated)
-    channels_last: bool | None = None  # default: on for convolutional models on CUDA
+    channels_last: bool | None = None  # default: on for convolutional models (faster on CUDA and on the CPU)
+    fast_layers: bool | None = None  # exact fast forms of layers (training/fast.py); default: on for the CPU
     compile: bool = False
     onednn: bool | None = None  # fully connected layers through oneDNN; default: on for the CPU unless compiled
     checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch when an epoch runs longer than this
     progress: bool | None = None  # a progress bar; default: when stderr is a terminal
-    eval_batch: int | None = None  # default: 4096 on CUDA, 1000 on the CPU
+    eval_batch: int | None = None  # default: 4096 on CUDA; on the CPU 1000 for MLPs, 200 for convolutional models
     deadline: float | None = None  # clock() value at which to checkpoint and stop (rethink run --time-budget)
     lease_seconds: float = field(default_factory=lambda: _seconds_from_env("RETHINK_LEASE_SECONDS", 120.0))
     lease_wait: float | None = None  # wait this long for another trainer's lease; default: lease_seconds + 30
@@ -55,21 +56,26 @@ class ExecOptions:
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:
             raise UserError(f"keep_checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}, got {self.keep_checkpoints!r}")
 
-    def resolve(self) -> Execution:
-        """These options on their device, every default decided."""
+    def resolve(self, model: str | None = None) -> Execution:
+        """These options on their device for `model` (None: any), every default decided."""
         import sys
 
         device = resolve_device(self.device)
         cuda = device.type == "cuda"
+        conv = model is not None and not model.startswith("mlp")
+        # The CPU's convolutions (oneDNN) like small evaluation batches that stay in cache: 200 per pass evaluates
+        # Small AlexNet ~1.5x faster than 1000 (docs/performance.md); a fully connected layer likes large ones.
+        cpu_eval = 200 if conv else 1000
         return Execution(
             device=device,
             amp=bool(self.amp),
-            channels_last=self.channels_last if self.channels_last is not None else cuda,
+            channels_last=conv and (self.channels_last if self.channels_last is not None else True),
+            fast_layers=conv and (self.fast_layers if self.fast_layers is not None else not cuda),
             # Not under torch.compile: inductor does its own fusions and cannot lower the oneDNN linear's weight.
             onednn=device.type == "cpu" and (self.onednn if self.onednn is not None else not self.compile)
             and cpu.available(),
             compile=self.compile,
-            eval_batch=self.eval_batch or (4096 if cuda else 1000),
+            eval_batch=self.eval_batch or (4096 if cuda else cpu_eval),
             progress=self.progress if self.progress is not None else sys.stderr.isatty(),
         )
 
@@ -80,7 +86,8 @@ class Execution:
 
     device: torch.device
     amp: bool
-    channels_last: bool  # applies to convolutional models only
+    channels_last: bool  # convolutional models only
+    fast_layers: bool  # convolutional models only (training/fast.py)
     onednn: bool
     compile: bool
     eval_batch: int
@@ -96,7 +103,8 @@ class Execution:
     def environment(self) -> dict:
         """What a result records of where and how it was computed."""
         return {**environment(self.device), "amp": self.amp, "precision": self.precision,
-                "channels_last": self.channels_last, "compile": self.compile, "onednn_linear": self.onednn}  # fmt: skip
+                "channels_last": self.channels_last, "fast_layers": self.fast_layers, "compile": self.compile,
+                "onednn_linear": self.onednn}  # fmt: skip
 
 
 def resolve_device(name: str) -> torch.device:

@@ -24,6 +24,7 @@ from rethink.store.runs import run_key, run_state, write_metrics, write_spec
 from rethink.summary import epoch_record, stop_reason
 from rethink.training.checkpoint import checkpoint, checkpoint_position, load_checkpoint, save_checkpoint
 from rethink.training.cpu import use_onednn_linears
+from rethink.training.fast import use_fast_layers
 from rethink.training.loop import (
     EpochSteps,
     OutOfTime,
@@ -90,14 +91,14 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
     if found.state == "damaged":
         log(f"warning: {found.detail}")
     store.sweep_temporaries(f"runs/{rid}")  # what a killed write left: no one else writes here now
-    ex = opts.resolve()
+    ex = opts.resolve(spec.model)
     prepare_device(ex.device)
     write_spec(store, spec)
     dd = prepare_data(spec, data, ex.device)
     n, n_test, bs = dd.n_train, dd.test_y.shape[0], spec.batch_size
     n_batches = math.ceil(n / bs)
-    use_cl = ex.channels_last and not spec.model.startswith("mlp")
-    model, opt, state, rotate = _start(spec, store, ex, n_batches, use_cl, log)
+    use_cl = ex.channels_last
+    model, opt, state, rotate = _start(spec, store, ex, n_batches, log)
     write_metrics(store, rid, state.metrics)  # drop any line written after the checkpoint we resume from
     tracked = scale_invariant_weights(model) if spec.track_norms else []
     net = torch.compile(model) if ex.compile else model
@@ -148,18 +149,27 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
                       keep_checkpoints=opts.keep_checkpoints)
 
 
-def _start(spec: RunSpec, store: Store, ex: Execution, n_batches: int, use_cl: bool, log):
+def build_run_model(spec: RunSpec, ex: Execution) -> torch.nn.Module:
+    """The run's fresh model on its device, seeded by the spec, in the execution's layers and memory format."""
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, dropout=spec.dropout)
+    if ex.fast_layers:
+        use_fast_layers(model)
+    model = model.to(ex.device)
+    if ex.onednn:
+        use_onednn_linears(model)
+    if ex.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _start(spec: RunSpec, store: Store, ex: Execution, n_batches: int, log):
     """The run's model, optimizer and state from its newest usable checkpoint, else fresh; and whether the
     next checkpoint may rotate checkpoint.pt into checkpoint.prev.pt."""
     built: dict = {}
 
     def fresh() -> None:
-        torch.manual_seed(spec.seed)
-        model = build_model(spec.model, dropout=spec.dropout).to(ex.device)
-        if ex.onednn:
-            use_onednn_linears(model)
-        if use_cl:
-            model = model.to(memory_format=torch.channels_last)
+        model = build_run_model(spec, ex)
         built.update(model=model, opt=make_sgd(model, spec), state=RunState.start(ex.device))
 
     def restore(ckpt: dict) -> None:
