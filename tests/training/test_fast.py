@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rethink.models import build_model
+from rethink.spec import RunSpec
 from rethink.training.fast import BandedLRN, use_fast_layers, window_matrix
 from rethink.training.optim import make_sgd
 from rethink.training.options import ExecOptions
-from rethink.spec import RunSpec
 
 CL = torch.channels_last
 
