@@ -172,3 +172,49 @@ def test_export_and_import_commands(source, tmp_path, capsys):
     assert main(["import", str(tmp_path / "junk.tar.gz"), "--store", str(tmp_path / "res")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot read" in err
+
+
+def _tampered(path, out, how: str, victim: str) -> str:
+    """A copy of the archive with one file of run `victim` edited, added or removed, the manifest left as
+    exported; returns the name of the file concerned."""
+    name = {"metrics": f"runs/{victim}/metrics.jsonl", "result": f"runs/{victim}/result.json",
+            "added": f"runs/{victim}/extra.txt", "removed": f"runs/{victim}/metrics.jsonl"}[how]  # fmt: skip
+    with tarfile.open(path) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    if how == "metrics":  # one epoch's test accuracy raised by a point, the line still valid JSON
+        lines = members[name].decode().splitlines()
+        first = json.loads(lines[0])
+        first["test_acc"] += 0.01
+        members[name] = ("\n".join([json.dumps(first), *lines[1:]]) + "\n").encode()
+    elif how == "result":
+        d = json.loads(members[name])
+        d["final_test_acc"] = 0.99
+        members[name] = json.dumps(d).encode()
+    elif how == "added":
+        members[name] = b"not a record\n"
+    else:
+        del members[name]
+    with tarfile.open(out, "w:gz") as tar:
+        for n, blob in members.items():
+            info = tarfile.TarInfo(n)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return name
+
+
+@pytest.mark.parametrize("how", ["metrics", "result", "added", "removed"])
+def test_an_archive_changed_after_export_is_refused_naming_the_file(source, tmp_path, how, capsys):
+    from rethink.cli import main
+
+    store, specs, _ = source
+    path = export(store, str(tmp_path / "a.tar.gz"), log=lambda m: None).path
+    bad = tmp_path / "bad.tar.gz"
+    name = _tampered(path, bad, how, specs[1].run_id)
+    target = tmp_path / "results"
+    with pytest.raises(UserError) as e:
+        import_archive(str(bad), LocalStore(target), log=lambda m: None)
+    assert name in str(e.value) and "\n" not in str(e.value)
+    assert main(["import", str(bad), "--store", str(target)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and name in err[0]
+    assert not target.exists() or not any(p.is_file() for p in target.rglob("*"))  # nothing written
