@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
@@ -125,6 +126,8 @@ def run_specs(
     outcome = Outcome()
     if not todo:
         return outcome
+    say(f"expected: about {hms(expected_seconds(todo, opts))} for {len(todo)} runs ({expected_basis(opts)})")
+    t0 = time.monotonic()
     if pack > 1:
         tasks = group_packs(todo, pack)
         say(f"{len(todo)} runs in {len(tasks)} packs of up to {pack}")
@@ -163,11 +166,18 @@ def run_specs(
                 outcome[rid] = result
                 status = "FAILED: " + result
             line = f"[{k}/{len(todo)}] {rid} {spec.label()}: {status}"
+            elapsed = time.monotonic() - t0
+            eta = elapsed / k * (len(todo) - k)
+            suite = (f"suite: {done_before + k} of {len(specs)} runs done, {hms(elapsed)} elapsed"
+                     + (f", about {hms(eta)} to go (from the {k} runs of this call)" if k < len(todo) else "")
+                     + f"; results in {store.where('runs')}")  # fmt: skip
             if bar is not None:
                 bar.update(0 if result in (PARTIAL, ELSEWHERE) else 1)
                 bar.write(line)
+                bar.write(suite)
             else:
                 say(line)
+                say(suite)
 
     if jobs <= 1:
         data = None
@@ -206,6 +216,38 @@ def run_specs(
         say(f"time budget spent: {len(outcome.trained)} runs finished in this call, {len(outcome.partial)} "
             f"checkpointed mid-run, {len(outcome.not_started)} not started; run the same command again to go on")
     return outcome
+
+
+def hms(seconds: float) -> str:
+    """'42 s', '3 min 05 s', '2 h 07 min'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def expected_seconds(specs: list[RunSpec], opts: ExecOptions) -> float:
+    """The catalogue's estimate of training `specs` on the device `opts` asks for (every run to its cap)."""
+    from rethink.perf.estimates import estimate_seconds
+
+    return estimate_seconds(specs, "gpu" if _on_gpu(opts) else "cpu")
+
+
+def expected_basis(opts: ExecOptions) -> str:
+    from rethink.perf.estimates import SOURCE
+
+    kind = "gpu" if _on_gpu(opts) else "cpu"
+    return f"every run to its cap at the per-epoch rates of docs/performance.md, {SOURCE[kind]}"
+
+
+def _on_gpu(opts: ExecOptions) -> bool:
+    if opts.device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return opts.device.startswith("cuda")
 
 
 def _quiet(msg: str) -> None:

@@ -191,9 +191,10 @@ class WorkItem:
     options: dict[str, str] = field(default_factory=dict)  # e.g. {"index": "7"} -> --index 7
 
 
-def report_location(store: str, suite: str) -> str:
-    """Where the aggregate step renders the suite's report (`rethink aggregate`: reports/<suite>/ in the store)."""
-    return f"{store.rstrip('/')}/reports/{suite}/report.html"
+def report_location(store: str, suite: str, synthetic: bool = False) -> str:
+    """Where the aggregate step renders the suite's report (`rethink aggregate`: reports/<suite>/ in the store,
+    reports/synthetic/<suite>/ for synthetic data)."""
+    return f"{store.rstrip('/')}/{'reports/synthetic' if synthetic else 'reports'}/{suite}/report.html"
 
 
 def suite_runs(s: Settings) -> list[RunSpec]:

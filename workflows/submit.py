@@ -21,12 +21,25 @@ import sys
 from pathlib import Path
 
 from rethink.cli.options import HelpFormatter, Parser
-from workflows import builder as rw
-from workflows import preflight, watch
-from workflows.cluster import ClusterError, Submitter
-from workflows.golden import render_golden
 
 PROG = "submit.py"
+WORKFLOW_EXTRA = ("hera", "kubernetes")  # what `pip install -e '.[workflows]'` brings
+
+
+def _missing_extra(name: str) -> str:
+    return (f"{PROG}: the workflow tools need the [workflows] extra ({name} is not installed): "
+            "pip install -e '.[workflows]'")  # fmt: skip
+
+try:
+    from workflows import builder as rw
+    from workflows import preflight, watch
+    from workflows.cluster import ClusterError, Submitter
+    from workflows.golden import render_golden
+except ModuleNotFoundError as e:
+    if (e.name or "").split(".")[0] not in WORKFLOW_EXTRA:
+        raise
+    print(_missing_extra(e.name), file=sys.stderr)
+    sys.exit(2)
 
 
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
@@ -53,7 +66,7 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--suite", help="suite to run (see rethink suites); required unless --regenerate-golden")
+    p.add_argument("--suite", help="suite to run (see rethink suites); required (no default) unless --regenerate-golden")
     p.add_argument("--seeds", type=int, default=1, help="repeat the suite over this many seeds")
     p.add_argument("--pack", type=int, default=1,
                    help="train up to K compatible runs per pod as one batched model (rethink train --pack K); "
@@ -313,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"follow it:  {follow_command(a, name)}")
     print(f"  or:       argo watch -n {s.namespace} {name}")
     print(f"  or:       kubectl -n {s.namespace} get pods -l workflows.argoproj.io/workflow={name} --watch")
-    print(f"report:     {rw.report_location(s.store, s.suite)} once the aggregate step ran")
+    print(f"report:     {rw.report_location(s.store, s.suite, s.synthetic)} once the aggregate step ran")
     if a.watch:
         try:
             return _watch(target, name, a.interval)
@@ -338,5 +351,16 @@ def status_main(argv: list[str]) -> int:
     return 0
 
 
+def entry() -> int:
+    """main(), with a missing extra (the Kubernetes client, imported when a cluster is reached) as one line."""
+    try:
+        return main()
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in WORKFLOW_EXTRA:
+            raise
+        print(_missing_extra(e.name), file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

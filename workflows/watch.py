@@ -201,7 +201,7 @@ def _report(aggregate_template: dict) -> str | None:
     args = (aggregate_template.get("container") or {}).get("args") or []
     options = {a: b for a, b in zip(args, args[1:]) if a.startswith("--")}
     if "--suite" in options and "--store" in options:
-        return rw.report_location(options["--store"], options["--suite"])
+        return rw.report_location(options["--store"], options["--suite"], "--synthetic" in args)
     return None
 
 

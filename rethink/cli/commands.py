@@ -168,9 +168,10 @@ def cmd_plan(args) -> int:
                            "pixels": s.pixels, "tags": list(s.tags), "spec": s.to_dict()} for i, s in rows],
                          indent=2))  # fmt: skip
         return 0
-    print(f"{'#':>4}  {'run id':<12}  {'tags':<26} run")
+    width = max([len("tags"), *(len(",".join(s.tags)) for _, s in rows)])  # whole tags: never cut
+    print(f"{'#':>4}  {'run id':<12}  {'tags':<{width}} run")
     for i, s in rows:
-        print(f"{i:>4}  {s.run_id:<12}  {','.join(s.tags)[:26]:<26} {s.label()} (<= {s.epochs} epochs)")
+        print(f"{i:>4}  {s.run_id:<12}  {','.join(s.tags):<{width}} {s.label()} (<= {s.epochs} epochs)")
     print(f"{len(rows)} runs" + ("" if selection is None else f" of {len(everything)} ({selection.describe()})"))
     return 0
 
@@ -207,7 +208,30 @@ def cmd_status(args) -> int:
     objects, size = store.usage()
     print(", ".join(f"{n} {state}" for state, n in counts.items()) + f" ({store.where()}: {objects} files, "
           f"{size / 2**20:.1f} MiB)")  # fmt: skip
+    if set(counts) == {"not started"}:
+        hint = other_source_hint(args, store)
+        if hint:
+            print(hint)
     return 0
+
+
+def other_source_hint(args, store) -> str | None:
+    """When the store holds none of the suite's runs on the data the options select but some on the other source
+    (synthetic or CIFAR-10): one line naming the flag that finds them."""
+    import argparse
+
+    from rethink.store.runs import run_state
+
+    synthetic = getattr(args, "synthetic", False)
+    other = argparse.Namespace(**{**vars(args), "synthetic": not synthetic})
+    specs = suite_specs(other)
+    found = sum(run_state(store, s).state != "not started" for s in specs)
+    if not found:
+        return None
+    here, there = ("the synthetic set", "CIFAR-10") if synthetic else ("CIFAR-10", "the synthetic set")
+    flag = "drop --synthetic" if synthetic else "add --synthetic"
+    return (f"note: no run of suite {args.suite} on {here} in {store.where()}, but {found} of its {len(specs)} runs "
+            f"on {there} are there: {flag} to see them")  # fmt: skip
 
 
 def cmd_export(args) -> int:
@@ -278,11 +302,18 @@ def _aggregate(args) -> None:
     from rethink.store import open_store
 
     threshold = getattr(args, "overfit_threshold", None) or OVERFIT_THRESHOLD
-    written = aggregate(open_store(args.store), args.suite, suite_options(args), log=lambda m: print(m, flush=True),
+    store = open_store(args.store)
+    written = aggregate(store, args.suite, suite_options(args), log=lambda m: print(m, flush=True),
                         overfit_threshold=threshold, selection=selection_of(args))  # fmt: skip
+    from rethink.store.runs import run_state
+
+    if all(run_state(store, s).state == "not started" for s in suite_specs(args)):
+        hint = other_source_hint(args, store)
+        if hint:
+            print(hint)
     for key in written:
         if key.endswith("report.html"):
-            print(f"report: {open_store(args.store).where(key)}")
+            print(f"report: {store.where(key)}")
 
 
 def cmd_aggregate(args) -> int:

@@ -21,6 +21,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     def _get_help_string(self, action):
         if "default" in (action.help or ""):  # the word, in lower case: not AWS_DEFAULT_REGION
             return action.help
+        if action.required:  # a required option has no default to state
+            return (action.help or "") + " (required)"
+        if action.default is None and "required" in (action.help or ""):  # required in some uses: it says when
+            return action.help
         return super()._get_help_string(action)
 
 

@@ -12,6 +12,8 @@ import json
 from rethink import suites
 from rethink.paper import DEFAULT_LR, DISPLAY
 from rethink.report.html import SYNTHETIC_BANNER, to_html
+
+UNOFFICIAL_BANNER = "Data not verified against the official CIFAR-10 checksums."
 from rethink.report.kit import OVERFIT_THRESHOLD, Context, Section, md_escape, md_table, needs
 from rethink.spec import EPOCH_CAP, RunSpec
 from rethink.store import Store
@@ -131,13 +133,19 @@ def _status(specs: list[RunSpec], states: dict[str, RunState], selection=None) -
     return text + "\n", counts  # fmt: skip
 
 
+def report_prefix(suite: str, dataset: str) -> str:
+    """Where a suite's report goes in the store: reports/<suite>/ for CIFAR-10, reports/synthetic/<suite>/ for
+    the synthetic set (the two never overwrite each other)."""
+    return f"reports/synthetic/{suite}/" if dataset.startswith("synthetic") else f"reports/{suite}/"
+
+
 def aggregate(store: Store, suite: str, o: suites.Options, log=print,
               overfit_threshold: float = OVERFIT_THRESHOLD, selection=None) -> list[str]:  # fmt: skip
-    """Render `reports/<suite>/` from the suite's runs in `store`; returns the keys written."""
+    """Render the suite's report (`report_prefix`) from its runs in `store`; returns the keys written."""
     specs_by_component = suites.components(suite, o)
     all_specs = suites.expand(suite, o)
     info = suites.get_suite(suite)
-    out = f"reports/{suite}/"
+    out = report_prefix(suite, o.dataset)
     states, metrics, results = _load(store, all_specs)
     for st in states.values():
         if st.state == "damaged":
@@ -168,6 +176,12 @@ def aggregate(store: Store, suite: str, o: suites.Options, log=print,
     head = [f"# Rethinking generalization: suite `{suite}`", ""]
     if synthetic:
         head += [f"> **{SYNTHETIC_BANNER}**", ""]
+    unofficial = sum(1 for r in results.values() if r and not r.get("synthetic") and isinstance(r.get("data"), dict)
+                     and r["data"].get("official_md5") is False)  # fmt: skip
+    if unofficial:
+        head += [f"> **{UNOFFICIAL_BANNER}** {unofficial} of the runs read data files whose md5 checksums are not "
+                 "the official release's (their check was skipped, `--no-verify-data`); each file's md5 is under "
+                 "Environment.", ""]  # fmt: skip
     head += [
         f"{info.description[:1].upper() + info.description[1:]}. {n_done} of {len(all_specs)} runs finished"
         f"{f' (the last at {last})' if last else ''}; rendered from {store.where()}.",

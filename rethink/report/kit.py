@@ -212,15 +212,18 @@ def data_link(*names: str) -> str:
 
 
 def needs(specs: list[RunSpec]) -> str:
-    """What training `specs` costs, from the catalogue's estimates: 'about 40 GPU-minutes' (and CPU time for MLPs)."""
-    def minutes(seconds: float, kind: str) -> str:
+    """What training `specs` costs, from the catalogue's estimates, each with where its figure comes from:
+    'about 40 GPU-minutes (a target ...) or 3.1 CPU-hours (measured ...)'."""
+    from rethink.perf.estimates import SOURCE
+
+    def amount(seconds: float, kind: str) -> str:
         m = max(1, round(seconds / 60))
+        if m > 120:
+            return f"{seconds / 3600:.1f} {kind}-hours"
         return f"{m} {kind}-minute{'s' if m != 1 else ''}"
 
-    text = "about " + minutes(estimate_seconds(specs, "gpu"), "GPU")
-    if all(s.model.startswith("mlp") for s in specs):
-        text += " or " + minutes(estimate_seconds(specs, "cpu"), "CPU")
-    return text + ", estimated"
+    gpu, cpu = estimate_seconds(specs, "gpu"), estimate_seconds(specs, "cpu")
+    return f"about {amount(gpu, 'GPU')} ({SOURCE['gpu']}) or {amount(cpu, 'CPU')} ({SOURCE['cpu']})"
 
 
 def md_escape(text: str) -> str:

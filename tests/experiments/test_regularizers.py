@@ -186,7 +186,7 @@ def _render(tmp_path, accs, epochs=None):
     o = Options(dataset="synthetic-n100-m20-s0", epochs=epochs)
     _fabricate(store, expand("regularizers", o), accs)
     aggregate(store, "regularizers", o, log=lambda m: None)
-    return tmp_path / "store" / "reports" / "regularizers"
+    return tmp_path / "store" / "reports" / "synthetic" / "regularizers"
 
 
 def test_report_section_judges_the_claims_from_the_numbers(tmp_path):

@@ -77,7 +77,9 @@ def aggregate(store, suite, o):
 
 
 def read(store, suite, name) -> str:
-    return store.read_text(f"reports/{suite}/{name}")
+    """A file of the suite's report, of synthetic data (most tests) or of CIFAR-10."""
+    text = store.read_text(f"reports/synthetic/{suite}/{name}")
+    return text if text is not None else store.read_text(f"reports/{suite}/{name}")
 
 
 def table1_rows(store, suite="smoke") -> list[dict]:
@@ -111,14 +113,14 @@ def smoke(tmp_path_factory):
 
 def test_smoke_report_writes_every_file(smoke):
     store, keys, lines, *_ = smoke
-    names = {k.removeprefix("reports/smoke/") for k in keys}
+    names = {k.removeprefix("reports/synthetic/smoke/") for k in keys}
     expected = {f"{f}.{ext}" for f in FIGURES for ext in ("png", "svg", "csv")}
     expected |= {"table1.csv", "table1.md", "report.md", "report.html"}
     assert names == expected
     assert len(lines) == len(keys)  # one log line per file
     for f in FIGURES:
-        assert store.read_bytes(f"reports/smoke/{f}.png")[:8] == b"\x89PNG\r\n\x1a\n"
-        assert b"<svg" in store.read_bytes(f"reports/smoke/{f}.svg")
+        assert store.read_bytes(f"reports/synthetic/smoke/{f}.png")[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<svg" in store.read_bytes(f"reports/synthetic/smoke/{f}.svg")
 
 
 def test_the_same_records_render_the_same_bytes(smoke, tmp_path):
@@ -227,7 +229,7 @@ def test_table1_suite_renders_only_the_table(tmp_path):
     store = LocalStore(tmp_path)
     fill(store, "table1", O1)
     keys, _ = aggregate(store, "table1", O1)
-    assert {k.removeprefix("reports/table1/") for k in keys} == {
+    assert {k.removeprefix("reports/synthetic/table1/") for k in keys} == {
         "table1.csv",
         "table1.md",
         "report.md",
@@ -239,7 +241,7 @@ def test_table1_suite_renders_only_the_table(tmp_path):
 def test_nothing_trained_yet_still_renders(tmp_path):
     store = LocalStore(tmp_path)
     keys, _ = aggregate(store, "fig1a", O1)
-    assert {k.removeprefix("reports/fig1a/") for k in keys} == {
+    assert {k.removeprefix("reports/synthetic/fig1a/") for k in keys} == {
         "fig1a.png",
         "fig1a.svg",
         "fig1a.csv",
@@ -271,7 +273,7 @@ def test_a_new_section_plugs_in(tmp_path, monkeypatch):
     fill(store, "fig2b", O2)
     keys, _ = aggregate(store, "fig2b", O2)
     assert seen == {"specs": 4, "finished": 4}
-    assert {k.removeprefix("reports/fig2b/") for k in keys} >= {"custom.png", "custom.svg", "custom.csv"}
+    assert {k.removeprefix("reports/synthetic/fig2b/") for k in keys} >= {"custom.png", "custom.svg", "custom.csv"}
     html = read(store, "fig2b", "report.html")
     assert "<h2>A custom section</h2>" in html and "<code>code</code>" in html
     assert html.count("data:image/png;base64,") == 1

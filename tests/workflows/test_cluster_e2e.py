@@ -47,7 +47,7 @@ def test_rendered_workflow_runs_end_to_end(s3_server, s3_url, tmp_path):
     for name, rid in trained.items():
         assert f"runs/{rid}/result.json" in keys, sorted(keys)
         assert f"run {rid}" in pods.logs[name]  # the pod trained the run its label names
-    assert "reports/fig2b/report.html" in keys, sorted(keys)
+    assert "reports/synthetic/fig2b/report.html" in keys, sorted(keys)
 
     # A retried pod of a finished run exits at once without training again (what a preempted retry relies on).
     pods.run(execution_order(wf)[1])
@@ -63,5 +63,5 @@ def test_smoke_suite_runs_end_to_end(s3_server, s3_url, tmp_path):
     pods = LocalPods(wf, secrets, tmp_path / "pods")
     pods.run_all()
     assert set(pods.phases.values()) == {"Succeeded"}, {k: v[-1500:] for k, v in pods.logs.items()}
-    key = s3_url.removeprefix(f"s3://{s3_server.bucket}/") + "/reports/smoke/report.html"
+    key = s3_url.removeprefix(f"s3://{s3_server.bucket}/") + "/reports/synthetic/smoke/report.html"
     s3_server.client().head_object(Bucket=s3_server.bucket, Key=key)

@@ -219,7 +219,7 @@ def test_workflow_pods_run_as_containers_and_the_report_lands(image, s3_server, 
         rid = pods.labels[name]["rethink/run-id"]
         assert f"runs/{rid}/result.json" in keys, sorted(keys)
         assert f"run {rid}" in pods.logs[name]  # the pod trained the run its label names
-    assert "reports/fig2b/report.html" in keys, sorted(keys)
+    assert "reports/synthetic/fig2b/report.html" in keys, sorted(keys)
     # Everything a pod keeps is in the store; its own writes stay in its emptyDir.
     assert pods.written == dict.fromkeys(pods.written, []), pods.written
 
