@@ -12,12 +12,12 @@ import json
 from rethink import suites
 from rethink.paper import DEFAULT_LR, DISPLAY
 from rethink.report.html import SYNTHETIC_BANNER, to_html
-
-UNOFFICIAL_BANNER = "Data not verified against the official CIFAR-10 checksums."
 from rethink.report.kit import OVERFIT_THRESHOLD, Context, Section, md_escape, md_table, needs
 from rethink.spec import EPOCH_CAP, RunSpec
 from rethink.store import Store
 from rethink.store.runs import RunState, read_metrics, run_state
+
+UNOFFICIAL_BANNER = "Data not verified against the official CIFAR-10 checksums."
 
 
 def _load(store: Store, specs: list[RunSpec]) -> tuple[dict[str, RunState], dict, dict]:
