@@ -6,6 +6,7 @@ from rethink.experiments.base import Component, Options, suite_spec
 from rethink.paper import DISPLAY, FIG1A_MODES
 from rethink.report.kit import (
     COLORS,
+    MARKERS,
     Context,
     Section,
     data_link,
@@ -28,6 +29,8 @@ QUICK_TRAIN = 10_000
 QUICK_EPOCHS = 30
 QUICK_MODES = (("true", "none"), ("random", "none"), ("partial:0.5", "none"), ("true", "shuffled"),
                ("true", "gaussian"))  # fmt: skip
+# One line style per mode, the same in both panels; markers at staggered epochs keep overlapping curves apart.
+LINESTYLES = ["-", "--", "-.", ":", (0, (6, 2, 1, 2, 1, 2))]
 
 
 def quickstart(o: Options) -> list[RunSpec]:
@@ -63,9 +66,10 @@ def render_quickstart(ctx: Context) -> Section:
     for i, (name, specs) in enumerate(groups.items()):
         runs = ctx.curves(specs)
         counts.append(len(runs))
-        color = COLORS[i % len(COLORS)]
-        plot_curves(ax_train, runs, "epoch", "train_acc", name, color)
-        plot_curves(ax_test, runs, "epoch", "test_acc", name, color, style="--")
+        look = dict(color=COLORS[i % len(COLORS)], style=LINESTYLES[i % len(LINESTYLES)],
+                    marker=MARKERS[i % len(MARKERS)], markevery=(i, len(LINESTYLES)))  # fmt: skip
+        plot_curves(ax_train, runs, "epoch", "train_acc", name, **look)
+        plot_curves(ax_test, runs, "epoch", "test_acc", name, **look)
         for s in ctx.finished(specs):
             for m in ctx.metrics.get(s.run_id) or []:
                 csv_rows.append({"mode": name, "seed": s.seed, "run_id": s.run_id, "epoch": m["epoch"],
@@ -83,9 +87,13 @@ def render_quickstart(ctx: Context) -> Section:
         ax.set_ylim(0, 1.02)
     cap = max((s.epochs for s in ctx.specs), default=0)
     n = sorted({s.train_subset or "all" for s in ctx.specs}, key=str)
-    finish_axes(ax_train, "training accuracy (whole training set)", "epoch", "accuracy")
+    finish_axes(ax_train, "training accuracy (whole training set)", "epoch", "accuracy", legend=False)
     finish_axes(ax_test, "test accuracy (true test labels)", "epoch", "accuracy", legend=False)
-    fig.suptitle(f"{DISPLAY[ctx.specs[0].model] if ctx.specs else ''}: fitting random labels and random pixels "
+    handles, labels = ax_train.get_legend_handles_labels()
+    if handles:  # one legend for both panels: a mode has the same colour, line and marker in each
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 6), fontsize=9)
+    modes = ", ".join(groups) if groups else "no runs"
+    fig.suptitle(f"{DISPLAY[ctx.specs[0].model] if ctx.specs else ''} on {modes} "
                  f"({', '.join(map(str, n))} training images, {cap} epochs)", fontsize=12)  # fmt: skip
     names = ctx.save_figure(fig, "quickstart")
     csv = ctx.write_csv("quickstart", csv_rows, ["mode", "seed", "run_id", "epoch", "step", "train_loss", "train_acc",

@@ -37,15 +37,18 @@ def _protocol(specs: list[RunSpec], o: suites.Options, overfit_threshold: float)
         m: sorted({s.epochs for s in specs if s.model == m}) for m in dict.fromkeys(s.model for s in specs)
     }
     subsets = sorted({(s.train_subset, s.test_subset) for s in specs}, key=str)
+    models = {s.model for s in specs}
+    crop = "random crop: a 28x28 window per image per epoch; " if any(s.random_crop for s in specs) else ""
     items = [
         f"batch size {values('batch_size')}; SGD momentum {values('momentum')}",
         "initial learning rate "
-        + ", ".join(f"{DISPLAY[m]} {DEFAULT_LR[m]:g}" for m in DEFAULT_LR)
+        + ", ".join(f"{DISPLAY[m]} {DEFAULT_LR[m]:g}" for m in DEFAULT_LR if m in models or not models)
         + f"; multiplied by {values('lr_decay')} after every epoch",
-        f"weight decay, when on: {suites.WEIGHT_DECAY:g} (coupled L2 added to the gradient) on the kernels of "
-        "convolutional and linear layers only, not on biases or BatchNorm offsets",
-        "preprocessing: central 28x28 crop and per-image standardization; random crop: a 28x28 window per image "
-        "per epoch; evaluation always uses the central crop",
+        *([f"weight decay, when on: {suites.WEIGHT_DECAY:g} (coupled L2 added to the gradient) on the kernels of "
+           "convolutional and linear layers only, not on biases or BatchNorm offsets"]
+          if any(s.weight_decay for s in specs) or not specs else ["weight decay: none in these runs"]),
+        f"preprocessing: central 28x28 crop and per-image standardization; {crop}evaluation always uses the "
+        "central crop",
         "test labels: always the true labels (corruptions touch the training labels only)",
         f"time to overfit: the step count at the first epoch end with training accuracy >= "
         f"{100 * overfit_threshold:g}% (evaluated on the whole training set, float32 logits)",
@@ -57,9 +60,9 @@ def _protocol(specs: list[RunSpec], o: suites.Options, overfit_threshold: float)
            else "runs with a target stop at the first epoch end reaching it ("
            + ", ".join(sorted({f"{100 * s.target_train_acc:g}%" for s in specs if s.target_train_acc}))
            + "), the others at their cap: accuracies are not all after convergence"),
-        "Small AlexNet LRN: size 9, alpha 1e-3, beta 0.75, k 1",
-        "Small Inception BatchNorm without scale (no affine parameters, a learned per-channel offset after it); "
-        "PyTorch defaults momentum 0.1, eps 1e-5",
+        *(["Small AlexNet LRN: size 9, alpha 1e-3, beta 0.75, k 1"] if "alexnet" in models or not models else []),
+        *(["Small Inception BatchNorm without scale (no affine parameters, a learned per-channel offset after it); "
+           "PyTorch defaults momentum 0.1, eps 1e-5"] if "inception" in models or not models else []),
         f"seeds: {o.seeds}; data sets: {values('dataset')}",
     ]
     if subsets != [(None, None)]:

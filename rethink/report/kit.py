@@ -140,16 +140,20 @@ def curve_stats(runs: list[list[dict]], x: str, y: str) -> pd.DataFrame:
 
 
 def plot_curves(
-    ax, runs: list[list[dict]], x: str, y: str, label: str, color=None, style: str = "-", band: bool = True
+    ax, runs: list[list[dict]], x: str, y: str, label: str, color=None, style: str = "-", band: bool = True,
+    marker: str | None = None, markevery=None,
 ) -> pd.DataFrame:
-    """Mean of `y` against `x` over seeds, with a +-1 std band when there are several; returns the stats."""
+    """Mean of `y` against `x` over seeds, with a +-1 std band when there are several; returns the stats.
+    `marker`/`markevery` tell overlapping curves apart (default: small dots on short curves)."""
     st = curve_stats(runs, x, y)
     if st.empty:
         return st
     if len(runs) > 1:
         label = f"{label} (mean ± std, {len(runs)} seeds)"
-    (line,) = ax.plot(st["x"], st["mean"], style, color=color, label=label, lw=1.8,
-                      marker="." if len(st) < 30 else None)  # fmt: skip
+    if marker is None:
+        marker = "." if len(st) < 30 else None
+    (line,) = ax.plot(st["x"], st["mean"], linestyle=style, color=color, label=label, lw=1.8, marker=marker,
+                      markevery=markevery, markersize=5)  # fmt: skip
     if band and len(runs) > 1:
         ax.fill_between(st["x"], st["mean"] - st["std"], st["mean"] + st["std"], color=line.get_color(),
                         alpha=0.18, lw=0)  # fmt: skip

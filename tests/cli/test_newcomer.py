@@ -178,3 +178,32 @@ def test_run_reports_the_suites_progress(tmp_path, one_thread):
     assert "to go (from the 1 runs of this call)" in suite[0]
     assert suite[1].startswith("suite: 3 of 3 runs done, ") and "to go" not in suite[1]
     assert all(line.endswith(f"results in {LocalStore(store).where('runs')}") for line in suite)
+
+
+def test_the_quickstart_figure_tells_each_curve_apart(synthetic_quickstart):
+    """Each mode has its own colour and line style, the same in both panels and in the one shared legend; the
+    title names what the suite trains (no random pixels); the protocol lists no CNN settings for MLP runs."""
+    import csv
+    import re
+
+    from rethink.report.aggregate import aggregate
+
+    store = LocalStore(synthetic_quickstart)
+    aggregate(store, "quickstart", suites.Options(dataset=default_identity()), log=lambda m: None)
+    out = "reports/synthetic/quickstart/"
+    rows = list(csv.DictReader(io.StringIO(store.read_text(out + "quickstart.csv"))))
+    modes = sorted({r["mode"] for r in rows})
+    assert len(modes) == 5
+    svg = store.read_text(out + "quickstart.svg")
+    for mode in modes:  # one legend entry per mode, for both panels
+        assert svg.count(f"<!-- {mode} -->") == 1, mode
+    title = re.search(r"<!-- (MLP 1x512 on .*?) -->", svg).group(1)
+    assert "random pixels" not in title and all(m in title for m in modes)
+    # a line's look: its colour and dash pattern; each mode's look is drawn three times (two panels, the legend)
+    looks = re.findall(r'style="fill: none; (?:stroke-dasharray: ([^;]*); )?(?:stroke-dashoffset: [^;]*; )?'
+                       r'stroke: (#[0-9a-f]{6}); stroke-width: 1\.8', svg)  # fmt: skip
+    counts = {look: looks.count(look) for look in set(looks)}
+    assert len(counts) == 5 and set(counts.values()) == {3}, counts
+    assert len({color for _, color in counts}) == 5 and len({dash for dash, _ in counts}) == 5
+    md = store.read_text(out + "report.md").split("## Protocol choices")[1].split("\n## ")[0]
+    assert "LRN" not in md and "BatchNorm" not in md and "random crop" not in md
