@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from rethink.spec import RunSpec
 from rethink.store import Store, StoreError, open_store
 from rethink.store.lease import LeaseHeld, LeaseLost
-from rethink.store.runs import record_failure, run_key, run_state
+from rethink.store.runs import record_failure, run_state
 from rethink.training.grouping import group_packs
 from rethink.training.loop import OutOfTime, Preempted
 from rethink.training.options import ExecOptions
@@ -77,13 +77,13 @@ def _train_task(task: list[RunSpec], store: Store, data, opts: ExecOptions) -> d
             train_pack(task, store, data, opts)
         return {s.run_id: None for s in task}
     except OutOfTime:
-        return {s.run_id: None if store.exists(run_key(s.run_id, "result.json")) else PARTIAL for s in task}
+        return {s.run_id: None if run_state(store, s).finished else PARTIAL for s in task}
     except (LeaseHeld, LeaseLost):  # another trainer has it: not a failure, and not ours to record
-        return {s.run_id: None if store.exists(run_key(s.run_id, "result.json")) else ELSEWHERE for s in task}
+        return {s.run_id: None if run_state(store, s).finished else ELSEWHERE for s in task}
     except FATAL:
         raise
     except Exception as e:
-        return {s.run_id: None if store.exists(run_key(s.run_id, "result.json")) else record_failure(store, s, e)
+        return {s.run_id: None if run_state(store, s).finished else record_failure(store, s, e)
                 for s in task}  # fmt: skip
 
 
@@ -207,7 +207,7 @@ def run_specs(
                     pool.shutdown(cancel_futures=True)
                     raise
                 except Exception as e:  # the worker process died
-                    results = {s.run_id: None if store.exists(run_key(s.run_id, "result.json"))
+                    results = {s.run_id: None if run_state(store, s).finished
                                else record_failure(store, s, e) for s in task}  # fmt: skip
                 report(results)
     if bar is not None:

@@ -3,8 +3,9 @@
 # torch and torchvision, made with debootstrap (nothing is pulled), then the repository's Dockerfile on it.
 # Idempotent: a base that exists is reused, and the engine's layer cache makes an unchanged image a no-op.
 #
-#   k8s/local/build-image.sh                     # -> rethink:cpu on rethink-cpu-base:trixie (podman, as root)
-#   IMAGE=rethink:dev k8s/local/build-image.sh   # the name the workflow's pods use by default
+#   k8s/local/build-image.sh                     # -> localhost/rethink:cpu on localhost/rethink-cpu-base:trixie
+#                                                #    (podman, as root; podman names local images localhost/...)
+#   IMAGE=localhost/rethink:dev k8s/local/build-image.sh   # for kind: pass --image localhost/rethink:dev to submit
 #   BASE_IMAGE=mirror.example/pytorch:TAG k8s/local/build-image.sh   # any base with torch: no debootstrap
 #   REBUILD_BASE=1 k8s/local/build-image.sh      # make the base again (e.g. for newer Debian packages)
 #   DEBIAN_MIRROR=URL k8s/local/build-image.sh   # debootstrap from a mirror of your own

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
@@ -17,7 +18,7 @@ from rethink.cli.options import (
     suite_options,
     suite_specs,
 )
-from rethink.errors import UserError
+from rethink.errors import Stopped, UserError
 
 
 def cmd_models(args) -> int:
@@ -104,9 +105,32 @@ def cmd_train(args) -> int:
     if run_state(store, spec).finished:  # no need to load (or download) any data
         print(f"run {spec.run_id} is already finished: {store.where(f'runs/{spec.run_id}/result.json')}")
         return 0
-    data, train_run = _data_and(args, "rethink.training.trainer", "train_run")
-    train_run(spec, store, data, exec_options(args))
+    with recording_failures(store, [spec]):
+        data, train_run = _data_and(args, "rethink.training.trainer", "train_run")
+        train_run(spec, store, data, exec_options(args))
     return 0
+
+
+@contextlib.contextmanager
+def recording_failures(store, specs):
+    """What the runner does for its runs, for `rethink train` (what cluster pods run): any failure after the spec
+    was accepted, unreadable data included, is written to each unfinished run's error.json (removed when the run
+    later finishes), so `status` and the report say failed, with the message. Not failures: preemption and a
+    lease another trainer holds (Stopped, LeaseHeld), Ctrl-C, and a store that cannot be written (nothing
+    could be recorded there)."""
+    from rethink.store import StoreError
+    from rethink.store.lease import LeaseHeld
+    from rethink.store.runs import record_failure, run_state
+
+    try:
+        yield
+    except (Stopped, LeaseHeld, StoreError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        for spec in specs:
+            if not run_state(store, spec).finished:
+                record_failure(store, spec, e)
+        raise
 
 
 def _data_and(args, module: str, name: str):
@@ -132,8 +156,9 @@ def _train_pack(args) -> int:
     print(f"pack {args.pack_index}: {len(pack)} {pack[0].model} runs, {len(pack) - len(todo)} already finished -> "
           f"{store.where('runs')}", flush=True)  # fmt: skip
     if todo:  # a finished pack needs no data
-        data, train_pack = _data_and(args, "rethink.training.packed", "train_pack")
-        train_pack(pack, store, data, exec_options(args))
+        with recording_failures(store, todo):
+            data, train_pack = _data_and(args, "rethink.training.packed", "train_pack")
+            train_pack(pack, store, data, exec_options(args))
     return 0
 
 

@@ -207,3 +207,29 @@ def test_the_quickstart_figure_tells_each_curve_apart(synthetic_quickstart):
     assert len({color for _, color in counts}) == 5 and len({dash for dash, _ in counts}) == 5
     md = store.read_text(out + "report.md").split("## Protocol choices")[1].split("\n## ")[0]
     assert "LRN" not in md and "BatchNorm" not in md and "random crop" not in md
+
+
+def test_a_failed_pod_style_train_shows_as_failed_with_its_message(synth_dir, tmp_path):
+    """`rethink train --suite S --index I` (what a pod runs) on a damaged data volume: error.json is written, and
+    `status` and the report say failed with the message; a later successful train removes it."""
+
+    store = tmp_path / "store"
+    common = ["--suite", "smoke", "--data-dir", str(synth_dir), "--store", str(store)]
+    good = (synth_dir / "cifar-10-batches-py" / "data_batch_1").read_bytes()
+    (synth_dir / "cifar-10-batches-py" / "data_batch_1").write_bytes(good[:100])  # truncated on the volume
+    code, _, err = _run(["train", *common, "--index", "30", "--device", "cpu"])
+    assert code != 0 and "data_batch_1" in err
+    errors = list(store.glob("runs/*/error.json"))
+    assert len(errors) == 1
+    message = json.loads(errors[0].read_text())["error"]
+    assert "data_batch_1" in message
+    rid = errors[0].parent.name
+    code, out, _ = _run(["status", *common])
+    line = next(x for x in out.splitlines() if x.startswith(rid))
+    assert "failed" in line and "data_batch_1" in line
+    _run(["aggregate", *common])
+    md = next(store.glob("reports/**/smoke/report.md")).read_text()
+    assert f"`{rid}` **failed**" in md and "data_batch_1" in md
+    (synth_dir / "cifar-10-batches-py" / "data_batch_1").write_bytes(good)  # repaired: the retry trains it
+    code, _, _ = _run(["train", *common, "--index", "30", "--device", "cpu"])
+    assert code == 0 and not errors[0].exists()
