@@ -187,3 +187,31 @@ def run_epochs(name: str, train_x, train_y, test_x, test_y, device: torch.device
         out.append({"train_seconds": t_train, "epoch_seconds": time.perf_counter() - t0, "train_loss": loss,
                     "train_acc": train_acc, "test_acc": test_acc})  # fmt: skip
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The typical pipeline as a whole process, for end-to-end comparisons with `rethink train` (farm-bench)."""
+    import argparse
+
+    from rethink.data.cifar import load_cifar10
+    from rethink.models import MODELS
+
+    p = argparse.ArgumentParser(prog="python -m rethink.perf.baseline", description=main.__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--model", choices=MODELS, default="mlp-1x512", help="model to train")
+    p.add_argument("--data-dir", required=True, help="directory holding cifar-10-batches-py/ (required)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs, each trained then evaluated on train and test")
+    p.add_argument("--workers", type=int, default=TYPICAL_WORKERS, help="DataLoader worker processes")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-verify-data", action="store_true", help="skip the md5 check of the CIFAR-10 files")
+    a = p.parse_args(argv)
+    data = load_cifar10(a.data_dir, verify=not a.no_verify_data, download=False)
+    for i, r in enumerate(run_epochs(a.model, data.train_x, data.train_y, data.test_x, data.test_y,
+                                     torch.device(a.device), a.epochs, workers=a.workers)):  # fmt: skip
+        print(f"epoch {i + 1}: loss {r['train_loss']:.4f} train acc {r['train_acc']:.4f} test acc {r['test_acc']:.4f} "
+              f"({r['epoch_seconds']:.1f} s)", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -231,3 +231,15 @@ def test_compiled_step_matches_eager_on_cuda(data, tmp_path):
         train_run(spec, store, data, ExecOptions(device="cuda", compile=compile, log=lambda m: None))
         final[compile] = read_metrics(store, spec.run_id)[-1]["train_loss"]
     assert final[True] == pytest.approx(final[False], rel=0.02)
+
+
+def test_the_typical_pipeline_runs_as_a_whole_process(synth_dir):
+    """`python -m rethink.perf.baseline`: the pipeline end-to-end comparisons time against `rethink train`."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "rethink.perf.baseline", "--data-dir", str(synth_dir), "--epochs", "2",
+                           "--workers", "0"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"] and "test acc" in lines[-1]
