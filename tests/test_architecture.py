@@ -163,7 +163,7 @@ def test_a_damaged_result_is_one_clear_line_everywhere(tmp_path, capsys):
     out = capsys.readouterr()
     assert "Traceback" not in out.err
     assert sum("result.json is damaged" in x for x in out.out.splitlines()) == 1
-    report = (tmp_path / "s" / "reports" / "fig2b" / "report.md").read_text()
+    report = (tmp_path / "s" / "reports" / "synthetic" / "fig2b" / "report.md").read_text()
     assert f"`{spec.run_id}` **damaged**" in report
 
     assert main(["run", *common, "--device", "cpu", "--no-aggregate"]) == 0  # finished again from its checkpoint
@@ -171,3 +171,13 @@ def test_a_damaged_result_is_one_clear_line_everywhere(tmp_path, capsys):
     assert "result.json is damaged" in out.out and "Traceback" not in out.err
     assert main(["status", *common]) == 0
     assert "2 finished" in capsys.readouterr().out
+
+
+def test_run_paths_are_spelled_in_one_place():
+    """Every runs/<id>/... key comes from store.runs.run_dir / run_key: no run path built by hand elsewhere."""
+    import re
+
+    pattern = re.compile(r"""["']runs/\{|["']runs/["']\s*\+""")
+    found = [f"{path.relative_to(ROOT)}:{i}" for name, path in _modules().items() if name != "rethink.store.runs"
+             for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]  # fmt: skip
+    assert not found, found

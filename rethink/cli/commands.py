@@ -85,7 +85,7 @@ def spec_from_args(args, dataset: str):
 
 def cmd_train(args) -> int:
     from rethink.store import open_store
-    from rethink.store.runs import run_state
+    from rethink.store.runs import run_dir, run_key, run_state
 
     if args.pack_index is not None or args.pack != 1:
         return _train_pack(args)
@@ -101,9 +101,9 @@ def cmd_train(args) -> int:
     else:
         spec = spec_from_args(args, dataset_of(args))
     store = open_store(args.store)
-    print(f"run {spec.run_id}: {spec.label()} -> {store.where('runs/' + spec.run_id)}", flush=True)
+    print(f"run {spec.run_id}: {spec.label()} -> {store.where(run_dir(spec.run_id))}", flush=True)
     if run_state(store, spec).finished:  # no need to load (or download) any data
-        print(f"run {spec.run_id} is already finished: {store.where(f'runs/{spec.run_id}/result.json')}")
+        print(f"run {spec.run_id} is already finished: {store.where(run_key(spec.run_id, 'result.json'))}")
         return 0
     with recording_failures(store, [spec]):
         data, train_run = _data_and(args, "rethink.training.trainer", "train_run")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from rethink.errors import UserError
 from rethink.spec import RunSpec
 from rethink.store.base import Store
-from rethink.store.runs import RECORD_FILES, run_key
+from rethink.store.runs import RECORD_FILES, run_dir, run_key
 
 FORMAT = "rethink-records-1"
 PARTIAL_FILES = ("spec.json", "metrics.jsonl", "checkpoint.pt")
@@ -95,9 +95,9 @@ def export(store: Store, out: str, run_ids: list[str] | None = None, partial_ids
         files = {n: b for n, b in files.items() if b is not None}
         problem = check_record(rid, files)
         if problem:
-            raise UserError(f"cannot export run {rid} from {store.where(f'runs/{rid}')}: {problem}")
+            raise UserError(f"cannot export run {rid} from {store.where(run_dir(rid))}: {problem}")
         runs.append(rid)
-        entries.update({f"runs/{rid}/{n}": b for n, b in files.items()})
+        entries.update({run_key(rid, n): b for n, b in files.items()})
     size = sum(len(b) for b in entries.values())
     if max_bytes is not None and size > max_bytes:
         raise UserError(f"the records of {len(runs)} runs take {size / 2**20:.1f} MiB, more than the "
@@ -198,7 +198,7 @@ def import_archive(path: str, store: Store, with_checkpoints: bool = False, log=
                         f"(e.g. {changed[0]}): the archive was altered after export")  # fmt: skip
     problems, added, identical = [], [], []
     for rid in manifest.get("runs") or []:
-        record = {n: files.get(f"runs/{rid}/{n}") for n in RECORD_FILES}
+        record = {n: files.get(run_key(rid, n)) for n in RECORD_FILES}
         record = {n: b for n, b in record.items() if b is not None}
         problem = check_record(rid, record)
         if problem:
@@ -211,14 +211,14 @@ def import_archive(path: str, store: Store, with_checkpoints: bool = False, log=
             identical.append(rid)
         else:
             differ = [n for n in RECORD_FILES if there[n] != record[n]]
-            problems.append(f"{rid}: differs from the finished record already in {store.where(f'runs/{rid}')} "
+            problems.append(f"{rid}: differs from the finished record already in {store.where(run_dir(rid))} "
                             f"({', '.join(differ)})")  # fmt: skip
     if problems:
         raise UserError(f"{path}: refused, nothing imported: " + "; ".join(problems[:5])
                         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))  # fmt: skip
     for rid in added:  # spec first, result last: an interrupted import leaves unfinished runs, never a bad one
         for n in RECORD_FILES:
-            store.write_bytes(run_key(rid, n), files[f"runs/{rid}/{n}"])
+            store.write_bytes(run_key(rid, n), files[run_key(rid, n)])
     partial, skipped = [], []
     for rid in manifest.get("partial") or []:
         if not with_checkpoints or store.exists(run_key(rid, "result.json")):
@@ -232,6 +232,6 @@ def import_archive(path: str, store: Store, with_checkpoints: bool = False, log=
         + (f"; {len(skipped)} partial runs' checkpoints not imported (--with-checkpoints)" if skipped and
            not with_checkpoints else ""))  # fmt: skip
     for rid in added:
-        spec = RunSpec.from_json(files[f"runs/{rid}/spec.json"].decode())
+        spec = RunSpec.from_json(files[run_key(rid, "spec.json")].decode())
         log(f"  added {rid} {spec.label()}")
     return Imported(added, identical, partial, skipped)

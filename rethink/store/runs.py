@@ -16,8 +16,14 @@ RECORD_FILES = ("spec.json", "metrics.jsonl", "result.json")  # what a finished 
 CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")
 
 
+def run_dir(run_id: str) -> str:
+    """The one place a run's folder in a store is spelled: runs/<run id>."""
+    return f"runs/{run_id}"
+
+
 def run_key(run_id: str, name: str) -> str:
-    return f"runs/{run_id}/{name}"
+    """A file of a run: runs/<run id>/<name>."""
+    return f"{run_dir(run_id)}/{name}"
 
 
 # ---------------------------------------------------------------------------------------------- reading

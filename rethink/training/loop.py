@@ -17,7 +17,7 @@ from rethink.data.device import epoch_seed
 from rethink.errors import Stopped
 from rethink.spec import RunSpec
 from rethink.store import Store
-from rethink.store.runs import prune_checkpoints, write_result
+from rethink.store.runs import prune_checkpoints, run_key, write_result
 from rethink.summary import summarize
 
 
@@ -160,5 +160,5 @@ def finish_run(store: Store, spec: RunSpec, metrics: list[dict], stopped: str, e
     write_result(store, spec.run_id, result)
     prune_checkpoints(store, spec.run_id, keep_checkpoints)
     log(f"run {spec.run_id} finished ({stopped}){where}: train acc {result['final_train_acc']:.4f}, "
-        f"test acc {result['final_test_acc']:.4f}; {store.where(f'runs/{spec.run_id}/result.json')}")  # fmt: skip
+        f"test acc {result['final_test_acc']:.4f}; {store.where(run_key(spec.run_id, 'result.json'))}")  # fmt: skip
     return result

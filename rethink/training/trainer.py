@@ -20,7 +20,7 @@ from rethink.models import build_model
 from rethink.spec import RunSpec
 from rethink.store import Store
 from rethink.store.lease import Lease
-from rethink.store.runs import run_key, run_state, write_metrics, write_spec
+from rethink.store.runs import run_dir, run_key, run_state, write_metrics, write_spec
 from rethink.summary import epoch_record, stop_reason
 from rethink.training.checkpoint import checkpoint, checkpoint_position, load_checkpoint, save_checkpoint
 from rethink.training.cpu import use_onednn_linears
@@ -90,7 +90,7 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
         return found.result
     if found.state == "damaged":
         log(f"warning: {found.detail}")
-    store.sweep_temporaries(f"runs/{rid}")  # what a killed write left: no one else writes here now
+    store.sweep_temporaries(run_dir(rid))  # what a killed write left: no one else writes here now
     ex = opts.resolve(spec.model)
     prepare_device(ex.device)
     write_spec(store, spec)
@@ -103,7 +103,7 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
     tracked = scale_invariant_weights(model) if spec.track_norms else []
     net = torch.compile(model) if ex.compile else model
     log(f"run {rid} ({spec.label()}): {n} train / {n_test} test images on {ex.device}; "
-        f"results in {store.where(f'runs/{rid}')}")  # fmt: skip
+        f"results in {store.where(run_dir(rid))}")  # fmt: skip
 
     def save(batch: int, seconds: float) -> None:
         nonlocal rotate
