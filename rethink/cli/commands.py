@@ -74,7 +74,7 @@ def spec_from_args(args, dataset: str):
         dropout=args.dropout,
         lr=args.lr,
         batch_size=args.batch_size,
-        epochs=100 if args.epochs is None else args.epochs,
+        **({} if args.epochs is None else {"epochs": args.epochs}),  # None: the spec's cap
         target_train_acc=args.target_acc,
         seed=args.seed,
         dataset=dataset,

@@ -3,6 +3,8 @@ cli/options.py. Every option's help states its default; bad input gives the erro
 
 from __future__ import annotations
 
+import dataclasses
+
 from rethink.cli import commands
 from rethink.cli.options import (
     DEFAULT_DATA_DIR,
@@ -63,20 +65,26 @@ def _data(sub) -> None:
 
 
 def _train(sub) -> None:
+    from rethink.paper import DEFAULT_LR
+    from rethink.spec import RunSpec
+
+    d = {f.name: f.default for f in dataclasses.fields(RunSpec)}  # the spec's defaults, stated once, there
+    lrs = " Inception, ".join([f"{DEFAULT_LR['inception']:g}", f"{DEFAULT_LR['alexnet']:g} others"])
     p = subcommand(sub, "train", "train one run (resuming it from the store when it was started before)")
     p.add_argument("--model", choices=MODELS, default=None, help="model to train (required unless --spec)")
-    p.add_argument("--labels", default="true", help="true, random or partial:P (corruption probability P)")
-    p.add_argument("--pixels", default="none", choices=PIXEL_MODES, help="pixel corruption")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay coefficient (paper runs: 5e-4)")
+    p.add_argument("--labels", default=d["labels"], help="true, random or partial:P (corruption probability P)")
+    p.add_argument("--pixels", default=d["pixels"], choices=PIXEL_MODES, help="pixel corruption")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"],
+                   help="L2 weight decay coefficient (paper runs: 5e-4)")
     p.add_argument("--random-crop", action="store_true", help="random 28x28 crops instead of the central crop")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout probability before fully connected layers")
-    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: 0.1 Inception, 0.01 others)")
-    p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
-    p.add_argument("--epochs", type=int, default=None, help="maximum number of epochs (default: 100; with --suite: "
-                   "the suite's caps)")
+    p.add_argument("--dropout", type=float, default=d["dropout"], help="dropout probability before fully connected layers")
+    p.add_argument("--lr", type=float, default=None, help=f"initial learning rate (default: {lrs})")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="minibatch size")
+    p.add_argument("--epochs", type=int, default=None, help=f"maximum number of epochs (default: {d['epochs']}; with "
+                   "--suite: the suite's caps)")
     p.add_argument("--target-acc", type=float, default=None,
                    help="stop once training accuracy reaches this (e.g. 1.0); default: train all epochs")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialization, data order and corruption")
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed for initialization, data order and corruption")
     p.add_argument("--train-subset", type=int, default=None,
                    help="use only the first N training images; default: all training images")
     p.add_argument("--test-subset", type=int, default=None, help="use only the first N test images; default: all test images")

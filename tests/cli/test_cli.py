@@ -309,3 +309,12 @@ def test_a_bad_choice_is_the_error_and_where_to_look(argv, words, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 2 and "usage:" not in err, err
     assert all(w in err for w in words), err
+
+
+def test_train_without_options_is_the_specs_defaults():
+    """`rethink train --model M` names the run RunSpec(model=M) names: the CLI takes its defaults from the spec."""
+    from rethink.cli.commands import spec_from_args
+
+    for model in ("mlp-1x512", "inception"):
+        args = build_parser().parse_args(["train", "--model", model])
+        assert spec_from_args(args, "cifar10") == RunSpec(model=model, dataset="cifar10")
