@@ -136,7 +136,9 @@ def test_md5_mismatch_is_one_line(unmarked_dir, tmp_path, capsys):
     line = _one_error_line(capsys.readouterr().err)
     assert code != 0
     assert "md5 mismatch" in line and "data_batch_1" in line and "--no-verify-data" in line
-    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]  # nothing half-written
+    # Nothing half-written: the run's only record is its failure (status and the report say failed, why).
+    written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert [p.name for p in written] == ["error.json"] and "md5 mismatch" in written[0].read_text()
 
 
 def test_no_verify_data_trains_with_a_warning(unmarked_dir, tmp_path, capsys):
