@@ -12,7 +12,7 @@ a spec or a result (etcd keeps a workflow object below ~1 MB). A pod resumes its
 like a local run does, which is what makes retrying a preempted pod cheap. `aggregate` renders the report.
 
 Training tasks are built from a list of work items (a task name, pod labels, CLI options): one per run
-today; packing several runs into one pod only changes how that list is made.
+(`work_items`), or one per pack of runs trained together in one pod (`pack_items`, `--pack K`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The data set lives on the device; a step indexes it, so there is no host synchronisation inside an epoch (one
 `.tolist()` per epoch collects the epoch's numbers). Randomness is derived from (seed, epoch): an epoch's data
 order and crops are recomputed on resume; the global RNG (dropout) is saved in every checkpoint. A pack of runs
-(training/packed.py) shares every piece of this loop but the step.
+(training/packed.py) uses the same pieces (training/loop.py: step boundaries, evaluation, the result) in an epoch
+loop of its own.
 """
 
 from __future__ import annotations
