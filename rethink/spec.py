@@ -22,6 +22,9 @@ EPOCH_CAP = 100
 
 # The randomization tests a spec names (rethink/data/corruptions.py applies them).
 PIXEL_MODES = ("none", "shuffled", "random", "gaussian")
+# What the training steps compute in. bf16 (autocast) changes the numbers, so a bf16 run is its own run with its
+# own id; float32, the default, is left out of the canonical JSON so that the ids of float32 runs never change.
+PRECISIONS = ("float32", "bf16")
 
 
 def parse_labels(mode: str) -> float:
@@ -42,7 +45,8 @@ def parse_labels(mode: str) -> float:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything that determines a run's result. Device, precision and compile are how, not what: not here."""
+    """Everything that determines a run's result. Device and compile are how, not what: not here. The training
+    steps' precision is here: a bf16 run gives other numbers than its float32 twin and is its own run."""
 
     model: str
     labels: str = "true"  # true | random | partial:P
@@ -63,6 +67,7 @@ class RunSpec:
     train_subset: int | None = None  # use only the first n training images (smoke runs)
     test_subset: int | None = None
     track_norms: bool = False  # record weight/gradient norms and the effective learning rate per epoch
+    precision: str = "float32"  # of the training steps: float32 | bf16 (autocast); evaluation is float32 either way
     version: int = SPEC_VERSION
     tags: tuple[str, ...] = field(default=(), compare=False)  # free-form labels for reports; not in the id
 
@@ -76,6 +81,8 @@ class RunSpec:
         if self.model not in MODELS:
             raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
         parse_labels(self.labels)
+        if self.precision not in PRECISIONS:
+            raise UserError(f"bad precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.pixels not in PIXEL_MODES:
             raise UserError(f"bad pixel mode {self.pixels!r}: use one of {', '.join(PIXEL_MODES)}")
         if self.lr is None:
@@ -131,12 +138,19 @@ class RunSpec:
     def canonical_json(self) -> str:
         d = self.to_dict()
         d.pop("tags")
+        if d["precision"] == "float32":  # the default leaves every float32 run's id as it was before the field
+            d.pop("precision")
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @property
     def run_id(self) -> str:
         """A short hash of the canonical JSON: the same spec has the same id in every process."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
+
+    @property
+    def amp(self) -> bool:
+        """Whether the training steps run under bf16 autocast."""
+        return self.precision == "bf16"
 
     def replace(self, **changes) -> RunSpec:
         return dataclasses.replace(self, **changes)
@@ -189,6 +203,8 @@ class RunSpec:
             parts.append(f"decay={self.lr_decay:g}")
         if self.train_subset:
             parts.append(f"n={self.train_subset}")
+        if self.precision != "float32":
+            parts.append(self.precision)
         parts.append(f"seed={self.seed}")
         return " ".join(parts)
 

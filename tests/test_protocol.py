@@ -151,17 +151,18 @@ def test_evaluation_logits_are_float32_under_autocast(data, tmp_path, one_thread
 
     import rethink.training.trainer as train
 
-    spec = RunSpec(model="mlp-1x512", dataset=data.identity, epochs=1, batch_size=50)
+    spec = RunSpec(model="mlp-1x512", dataset=data.identity, epochs=1, batch_size=50, precision="bf16")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "build_model", hooked)
-        result = train_run(spec, LocalStore(tmp_path), data, ExecOptions(device="cpu", amp=True, log=lambda m: None))
+        result = train_run(spec, LocalStore(tmp_path), data, ExecOptions(device="cpu", log=lambda m: None))
     assert seen[True] == {torch.bfloat16}  # training steps ran under autocast
     assert seen[False] == {torch.float32}  # evaluation did not
     assert result["environment"]["amp"] is True and "bf16" in result["environment"]["precision"]
 
 
 def test_training_is_float32_unless_asked():
-    assert ExecOptions().amp is False
+    assert RunSpec(model="alexnet").precision == "float32"
+    assert ExecOptions().resolve("alexnet").amp is False
 
 
 # ---------------------------------------------------------------------------------------------- old protocol

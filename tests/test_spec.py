@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,11 +49,25 @@ def test_id_ignores_how_the_spec_was_written():
         {"weight_decay": 5e-4}, {"random_crop": True}, {"dropout": 0.3}, {"lr": 0.02}, {"momentum": 0.8},
         {"lr_decay": 1.0}, {"batch_size": 64}, {"epochs": 13}, {"target_train_acc": 1.0},
         {"loss_thresholds": (0.1,)}, {"seed": 4}, {"data_seed": 4}, {"dataset": "cifar10"},
-        {"train_subset": 100}, {"test_subset": 100}, {"track_norms": True},
+        {"train_subset": 100}, {"test_subset": 100}, {"track_norms": True}, {"precision": "bf16"},
     ],
 )  # fmt: skip
 def test_different_spec_different_id(change):
     assert SPEC.replace(**change).run_id != SPEC.run_id
+
+
+def test_a_float32_run_keeps_the_id_it_had_before_precision_was_a_field():
+    """Every run recorded before `precision` joined the spec (all float32) keeps its id, and its twin in bf16 is
+    another run: the committed records' specs still hash to their folders' names."""
+    runs = sorted((Path(__file__).parents[1] / "results" / "runs").glob("*/spec.json"))
+    assert runs, "results/runs holds committed records"
+    for path in runs:
+        spec = RunSpec.from_json(path.read_text())
+        assert "precision" not in json.loads(path.read_text()) or spec.precision == "float32"
+        assert spec.run_id == path.parent.name
+        twin = spec.replace(precision="bf16")
+        assert twin.run_id != spec.run_id and "bf16" in twin.label() and "bf16" not in spec.label()
+        assert RunSpec.from_json(json.dumps(twin.to_dict())).run_id == twin.run_id
 
 
 def test_json_round_trip():
@@ -71,6 +86,7 @@ def test_json_round_trip():
         ({"model": "mlp-1x512", "labels": "partial:1.5"}, ["bad label mode", "partial:P"]),
         ({"model": "mlp-1x512", "labels": "noisy"}, ["bad label mode", "noisy"]),
         ({"model": "mlp-1x512", "pixels": "blurred"}, ["bad pixel mode", "shuffled"]),
+        ({"model": "mlp-1x512", "precision": "fp16"}, ["bad precision", "fp16", "bf16"]),
         ({"model": "mlp-1x512", "epochs": 0}, ["epochs must be at least 1"]),
         ({"model": "mlp-1x512", "batch_size": 0}, ["batch size"]),
         ({"model": "mlp-1x512", "dropout": 1.0}, ["dropout must be in [0, 1)"]),

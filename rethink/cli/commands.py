@@ -14,6 +14,7 @@ from rethink.cli.options import (
     dataset_of,
     exec_options,
     load_data,
+    precision_of,
     selection_of,
     suite_options,
     suite_specs,
@@ -80,6 +81,7 @@ def spec_from_args(args, dataset: str):
         dataset=dataset,
         train_subset=args.train_subset,
         test_subset=args.test_subset,
+        precision=precision_of(args),
     )
 
 

@@ -60,9 +60,6 @@ def add_exec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     add_store_option(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--amp", action="store_true",
-                   help="bf16 autocast for the training steps (CUDA); default off: float32 (TF32 on CUDA) until "
-                        "bench/gpu.sh has shown bf16 and float32 runs agree; evaluation is float32 either way")
     p.add_argument("--no-onednn", action="store_true",
                    help="on the CPU, run fully connected layers through PyTorch's default BLAS instead of oneDNN "
                         "(default: oneDNN unless --compile, ~2x faster on some CPUs; same function up to rounding)")  # fmt: skip
@@ -74,6 +71,13 @@ def add_exec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease-seconds", type=float, default=None,
                    help="a run's lease (one writer per run) expires this long after its trainer last renewed it "
                         "(default: $RETHINK_LEASE_SECONDS, else 120); a successor waits that long for a lost one")  # fmt: skip
+
+
+def add_precision_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--amp", action="store_true",
+                   help="runs whose training steps are in bf16 autocast: other runs, with their own ids, than the "
+                        "float32 ones (docs/protocol.md); default: float32 (TF32 on CUDA); evaluation is float32 "
+                        "either way")  # fmt: skip
 
 
 def add_suite_options(p: argparse.ArgumentParser, required: bool = True, selectable: bool = True) -> None:
@@ -89,6 +93,7 @@ def add_suite_options(p: argparse.ArgumentParser, required: bool = True, selecta
                    help="stop each run at the first epoch end with training accuracy >= ACC (e.g. 1.0), for little "
                         "compute: other runs than the paper's (their accuracies are not after convergence); "
                         "default: every run trains to its epoch cap")  # fmt: skip
+    add_precision_option(p)
     if selectable:
         p.add_argument("--models", default=None, metavar="M[,M...]",
                        help="only the runs of these models, e.g. mlp-1x512,mlp-3x512 (the MLP part of a suite, for a "
@@ -185,7 +190,6 @@ def exec_options(args):
 
     return ExecOptions(
         device=args.device,
-        amp=args.amp,
         compile=args.compile,
         onednn=False if getattr(args, "no_onednn", False) else None,
         checkpoint_minutes=args.checkpoint_minutes,
@@ -199,7 +203,12 @@ def suite_options(args):
     from rethink.suites import Options
 
     return Options(dataset=dataset_of(args), seeds=args.seeds, epochs=args.epochs, smoke=getattr(args, "smoke", False),
-                   target_acc=getattr(args, "stop_at_acc", None))  # fmt: skip
+                   target_acc=getattr(args, "stop_at_acc", None), precision=precision_of(args))  # fmt: skip
+
+
+def precision_of(args) -> str:
+    """The runs' precision: bf16 with --amp (commands without the flag: float32)."""
+    return "bf16" if getattr(args, "amp", False) else "float32"
 
 
 def selection_of(args):

@@ -12,6 +12,7 @@ from rethink.cli.options import (
     Parser,
     add_data_options,
     add_exec_options,
+    add_precision_option,
     add_report_options,
     add_store_option,
     add_suite_options,
@@ -96,6 +97,7 @@ def _train(sub) -> None:
                    help="index into the suite's runs (see rethink plan); with --suite: this or --pack-index is required")
     p.add_argument("--seeds", type=int, default=1, help="with --suite: the suite's number of seeds")
     p.add_argument("--smoke", action="store_true", help="with --suite: the suite in smoke sizing (see rethink run)")
+    add_precision_option(p)
     p.add_argument("--pack", type=int, default=1, help="with --suite and --pack-index: the suite's pack size K")
     p.add_argument("--pack-index", type=int, default=None,
                    help="train pack number J of the suite's packs of --pack K runs together (see rethink plan --pack); "

@@ -23,6 +23,7 @@ class Options:
     test_subset: int | None = None
     smoke: bool = False  # apply the smoke sizing to any suite, as the `smoke` suite does (--smoke)
     target_acc: float | None = None  # stop each run at this training accuracy (--stop-at-acc); None: to the cap
+    precision: str = "float32"  # of every run's training steps (--amp: bf16, other runs than the float32 ones)
 
     @property
     def cap(self) -> int:
@@ -39,6 +40,7 @@ def suite_spec(o: Options, seed: int, tag: str, model: str, stop_at_target: bool
         dataset=o.dataset,
         train_subset=o.train_subset,
         test_subset=o.test_subset,
+        precision=o.precision,
         tags=(tag,),
         **kw,
     )

@@ -200,9 +200,10 @@ def _measure(step, evaluate_all, new_epoch, n_batches, device, warmup, steps, im
     return {"train_images_per_s": steps * images_per_step / t_train, "eval_images_per_s": eval_images / t_eval}
 
 
-def measure_epochs(specs: list[RunSpec], data: Cifar10, device_name: str, amp: bool | None, compile: bool,
-                   compile_mode: str | None, epochs: int) -> dict:  # fmt: skip
-    """1 + `epochs` epochs of the real trainer (K = 1) or pack (K > 1) in a temporary store; its own clocks."""
+def measure_epochs(specs: list[RunSpec], data: Cifar10, device_name: str, compile: bool, compile_mode: str | None,
+                   epochs: int) -> dict:  # fmt: skip
+    """1 + `epochs` epochs of the real trainer (K = 1) or pack (K > 1) in a temporary store, in the specs' own
+    precision; its own clocks."""
     import tempfile
 
     from rethink.store import LocalStore
@@ -212,7 +213,7 @@ def measure_epochs(specs: list[RunSpec], data: Cifar10, device_name: str, amp: b
     from rethink.training.trainer import train_run
 
     specs = [s.replace(epochs=1 + epochs) for s in specs]
-    opts = ExecOptions(device=device_name, amp=amp, compile=compile, progress=False, log=lambda m: None)
+    opts = ExecOptions(device=device_name, compile=compile, progress=False, log=lambda m: None)
     with tempfile.TemporaryDirectory(prefix="rethink-bench-") as tmp:
         store = LocalStore(tmp)
         if len(specs) == 1:
@@ -272,7 +273,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
         raise UserError("--pack, --steps and --batch-size must be at least 1; --warmup and --epochs at least 0")
     dev = resolve_device(device)
     amp = bool(amp)
-    ex = ExecOptions(device=str(dev), amp=amp, compile=compile).resolve(model if pack == 1 else None)
+    ex = ExecOptions(device=str(dev), compile=compile).resolve(model if pack == 1 else None, amp=amp)
     if train_images is None:
         train_images = 50_000 if epochs else min(50_000, (warmup + steps) * batch_size)
     if test_images is None:
@@ -285,7 +286,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
     else:
         data = random_images(train_images, test_images)
     spec = RunSpec(model=model, dataset=data.identity, batch_size=batch_size, train_subset=train_images,
-                   test_subset=test_images, epochs=1)  # fmt: skip
+                   test_subset=test_images, epochs=1, precision="bf16" if amp else "float32")  # fmt: skip
     specs = [spec.replace(seed=k) for k in range(pack)]
     eval_batch = ex.eval_batch
     log(f"bench {model}: pack {pack}, {dev}, {'bf16' if amp else 'fp32'}{' + compile' if compile else ''}, "
@@ -353,7 +354,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
     if reference:
         if pack != 1:
             raise UserError("--reference compares single runs: drop --pack")
-        ref = ExecOptions(device=str(dev), amp=amp, compile=compile, **REFERENCE).resolve(model)
+        ref = ExecOptions(device=str(dev), compile=compile, **REFERENCE).resolve(model, amp=amp)
         log(f"bench {model}: the reference ({layout_name(ref.fast_layers, ref.channels_last, ref.eval_batch)}), "
             "same steps")
         r = measure_trainer(spec, data, ref, compile_mode, warmup, steps)
@@ -363,7 +364,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
         record["reference_ratio"] = r["epoch_seconds"] / seconds
     if epochs:
         log(f"bench {model}: {1 + epochs} epochs of the real trainer (the first is warm-up)")
-        record["measured"] = measure_epochs(specs, data, str(dev), amp, compile, compile_mode, epochs)
+        record["measured"] = measure_epochs(specs, data, str(dev), compile, compile_mode, epochs)
     if b is not None:
         record["baseline"] = b
         record["speedup"] = record["run_epochs_per_s"] / b["run_epochs_per_s"]
@@ -506,8 +507,8 @@ def summarize_records(records: list[dict]) -> str:
 
 
 def precision_agreement(data: Cifar10, specs: list[RunSpec], device: str, workdir: str | Path, log=print) -> dict:
-    """Train each spec twice, float32 and bf16 autocast, and compare what the report would show: final train and
-    test accuracy (percentage points) and the epoch each accuracy threshold was first reached.
+    """Train each spec twice, float32 and its bf16 twin (another run), and compare what the report would show:
+    final train and test accuracy (percentage points) and the epoch each accuracy threshold was first reached.
 
     The gate for making bf16 a default (docs/protocol.md): until this agrees on a GPU, runs train in float32.
     """
@@ -519,10 +520,10 @@ def precision_agreement(data: Cifar10, specs: list[RunSpec], device: str, workdi
     rows = []
     for spec in specs:
         got = {}
-        for name, amp in (("fp32", False), ("bf16", True)):
+        for name, precision in (("fp32", "float32"), ("bf16", "bf16")):
             t0 = time.perf_counter()
-            r = train_run(spec, LocalStore(Path(workdir) / name), data,
-                          ExecOptions(device=device, amp=amp, progress=False, log=lambda m: None))  # fmt: skip
+            r = train_run(spec.replace(precision=precision), LocalStore(workdir), data,
+                          ExecOptions(device=device, progress=False, log=lambda m: None))  # fmt: skip
             got[name] = (r, time.perf_counter() - t0)
         (a, ta), (b, tb) = got["fp32"], got["bf16"]
         row = {"run": spec.label(), "run_id": spec.run_id, "epochs": spec.epochs, "seconds_fp32": ta,

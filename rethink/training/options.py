@@ -37,7 +37,6 @@ class ExecOptions:
     """How to execute runs. None means the device's default (resolved by `resolve`)."""
 
     device: str = "auto"
-    amp: bool = False  # bf16 autocast of training steps (explicit: float32, TF32 on CUDA, until bf16 is validated)
     channels_last: bool | None = None  # default: on for convolutional models (faster on CUDA and on the CPU)
     fast_layers: bool | None = None  # exact fast forms of layers (training/fast.py); default: on for the CPU
     compile: bool = False
@@ -56,8 +55,9 @@ class ExecOptions:
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:
             raise UserError(f"keep_checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}, got {self.keep_checkpoints!r}")
 
-    def resolve(self, model: str | None = None) -> Execution:
-        """These options on their device for `model` (None: any), every default decided."""
+    def resolve(self, model: str | None = None, amp: bool = False) -> Execution:
+        """These options on their device for `model` (None: any), every default decided; `amp` is the runs'
+        own (RunSpec.precision: what a run computes in is part of the run, not of how it is executed)."""
         import sys
 
         device = resolve_device(self.device)
@@ -68,7 +68,7 @@ class ExecOptions:
         cpu_eval = 200 if conv else 1000
         return Execution(
             device=device,
-            amp=bool(self.amp),
+            amp=bool(amp),
             channels_last=conv and (self.channels_last if self.channels_last is not None else True),
             fast_layers=conv and (self.fast_layers if self.fast_layers is not None else not cuda),
             # Not under torch.compile: inductor does its own fusions and cannot lower the oneDNN linear's weight.

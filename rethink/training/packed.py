@@ -436,10 +436,10 @@ def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: E
                     compile_mode: str | None, sigterm: SigtermFlag, leases: dict[str, Lease]) -> dict[str, dict]:  # fmt: skip
     """Train members that stand at the same position as one packed model, to the end of each."""
     log = opts.log
-    ex = opts.resolve()
+    spec0 = members[0].spec
+    ex = opts.resolve(amp=spec0.amp)  # one precision per pack: RunSpec.precision is a shared field (grouping.py)
     device, amp = ex.device, ex.amp
     prepare_device(device)
-    spec0 = members[0].spec
     env = ex.environment()
     env["channels_last"] = False  # a packed model runs 5-d batches; channels_last does not apply
     env["pack"] = {"size": len(members), "run_ids": [m.spec.run_id for m in members]}

@@ -92,7 +92,7 @@ def _train(spec: RunSpec, store: Store, data: Cifar10, opts: ExecOptions, sigter
     if found.state == "damaged":
         log(f"warning: {found.detail}")
     store.sweep_temporaries(run_dir(rid))  # what a killed write left: no one else writes here now
-    ex = opts.resolve(spec.model)
+    ex = opts.resolve(spec.model, amp=spec.amp)
     prepare_device(ex.device)
     write_spec(store, spec)
     dd = prepare_data(spec, data, ex.device)

@@ -320,3 +320,35 @@ def test_train_without_options_is_the_specs_defaults():
     for model in ("mlp-1x512", "inception"):
         args = build_parser().parse_args(["train", "--model", model])
         assert spec_from_args(args, "cifar10") == RunSpec(model=model, dataset="cifar10")
+
+
+def test_amp_trains_the_bf16_twin_as_a_run_of_its_own(synth_dir, tmp_path, capsys):
+    """`rethink train --amp` is another run than the float32 one: its own id and folder, its precision in its spec
+    and its result; the float32 run beside it is not touched (nor taken for finished)."""
+    store = tmp_path / "runs"
+    args = _train_args(synth_dir, tmp_path, "--no-verify-data", "--train-subset", "100", "--batch-size", "50")
+    assert main(args) == 0
+    assert main([*args, "--amp"]) == 0
+    results = {json.loads(p.read_text())["spec"]["precision"]: (p.parent.name, json.loads(p.read_text()))
+               for p in store.rglob("result.json")}  # fmt: skip
+    assert set(results) == {"float32", "bf16"}
+    (fp32_id, fp32), (bf16_id, bf16) = results["float32"], results["bf16"]
+    assert fp32_id != bf16_id
+    assert fp32["environment"]["amp"] is False and "bf16" not in fp32["environment"]["precision"]
+    assert bf16["environment"]["amp"] is True and "bf16" in bf16["environment"]["precision"]
+    out = capsys.readouterr().out
+    assert f"run {bf16_id}: mlp-1x512" in out and "bf16" in out
+
+
+def test_a_suite_with_amp_is_the_bf16_twin_of_each_run(capsys):
+    """plan/status/aggregate/run with --amp name the bf16 twins: other ids, the same runs otherwise."""
+
+    def plan(*extra):
+        assert main(["plan", "--suite", "quickstart", "--synthetic", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    fp32, bf16 = plan(), plan("--amp")
+    assert len(fp32) == len(bf16) > 1
+    assert not {r["run_id"] for r in fp32} & {r["run_id"] for r in bf16}
+    for a, b in zip(fp32, bf16):
+        assert RunSpec.from_dict(b["spec"]) == RunSpec.from_dict(a["spec"]).replace(precision="bf16")

@@ -349,13 +349,14 @@ def test_pack_matches_unpacked_twins_on_cuda(data, tmp_path, model):
     """On the GPU in float32 a pack gives each run its twin's metrics; in bf16 it follows them closely."""
     base = RunSpec(model=model, dataset=data.identity, epochs=2, batch_size=32)
     specs = [base.replace(seed=0), base.replace(seed=1, labels="random", weight_decay=5e-4)]
-    for amp, rel in ((False, 1e-3), (True, 0.05)):
-        opts = ExecOptions(device="cuda", amp=amp, log=lambda m: None)
-        alone, together = LocalStore(tmp_path / f"alone{amp}"), LocalStore(tmp_path / f"together{amp}")
-        for s in specs:
+    opts = ExecOptions(device="cuda", log=lambda m: None)
+    for precision, rel in (("float32", 1e-3), ("bf16", 0.05)):
+        twins = [s.replace(precision=precision) for s in specs]
+        alone, together = LocalStore(tmp_path / f"alone-{precision}"), LocalStore(tmp_path / f"together-{precision}")
+        for s in twins:
             train_run(s, alone, data, opts)
-        train_pack(specs, together, data, opts)
-        for s in specs:
+        train_pack(twins, together, data, opts)
+        for s in twins:
             a, b = read_metrics(together, s.run_id)[-1], read_metrics(alone, s.run_id)[-1]
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=rel)
             assert a["test_loss"] == pytest.approx(b["test_loss"], rel=rel)
