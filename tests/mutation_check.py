@@ -60,7 +60,7 @@ MUTATIONS = [
              "rel = [[base_steps / v for v in q[\"steps\"]] for q in pts]",
              ("tests/report/test_aggregate.py",), "Figure 1b's time to overfit relative to true labels, inverted"),
     Mutation("lr-decay-one-epoch-early", "rethink/training/trainer.py",
-             "spec.lr * spec.lr_decay**state.epoch\n", "spec.lr * spec.lr_decay ** (state.epoch + 1)\n",
+             "return spec.lr * spec.lr_decay**epoch\n", "return spec.lr * spec.lr_decay ** (epoch + 1)\n",
              ("tests/perf/test_bench.py", "tests/training/test_trainer.py", "tests/training/test_packed.py"),
              "the learning rate decayed once more than the paper's x0.95 per finished epoch"),
     Mutation("shuffled-pixels-test-permutation", "rethink/data/corruptions.py",

@@ -103,101 +103,66 @@ class Timer:
 
 
 def measure_trainer(spec: RunSpec, data: Cifar10, ex, compile_mode: str | None, warmup: int, steps: int) -> dict:
-    """Steady-state rates of the unpacked trainer's step and evaluation (the body of train.train_run's loop), on
-    the model train_run builds for the resolved execution `ex`."""
-    from rethink.data.device import batch_inputs, epoch_order, prepare_data
-    from rethink.training.loop import evaluate, sgd_step
-    from rethink.training.optim import make_sgd
+    """Steady-state rates of the engine's own step and evaluation for one run (trainer.SingleStep), on the model
+    train_run builds for the resolved execution `ex`."""
+    from rethink.data.device import prepare_data
     from rethink.training.options import prepare_device
-    from rethink.training.trainer import build_run_model
+    from rethink.training.trainer import SingleStep, build_run_model, fresh_run
 
-    device, use_cl, eval_batch = ex.device, ex.channels_last, ex.eval_batch
-    prepare_device(device)  # as train_run does
-    dd = prepare_data(spec, data, device)
-    model = build_run_model(spec, ex)
-    opt = make_sgd(model, spec)
-    compiled = torch.compile(model, mode=compile_mode) if ex.compile else model
-    n, bs = dd.n_train, spec.batch_size
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    order = {"epoch": -1}
-
-    def new_epoch():
-        order["epoch"] += 1
-        order["perm"], order["offsets"] = epoch_order(spec.seed, order["epoch"], n, spec.random_crop, device)
-
-    def step(b: int):
-        nonlocal loss_sum
-        x, y = batch_inputs(dd, order["perm"][b * bs : (b + 1) * bs], order["offsets"], use_cl)
-        loss_sum += sgd_step(compiled, opt, x, y, ex.amp)[0].double()
-
-    def evaluate_all():
-        evaluate(compiled, dd.train_pre, dd.train_y, eval_batch, use_cl)
-        return evaluate(compiled, dd.test_pre, dd.test_y, eval_batch, use_cl)[0]
-
-    return _measure(step, evaluate_all, new_epoch, math.ceil(n / bs), device, warmup, steps, bs,
-                    n + dd.test_y.shape[0], lambda: compiled.train())  # fmt: skip
+    prepare_device(ex.device)  # as train_run does
+    dd = prepare_data(spec, data, ex.device)
+    run = fresh_run(spec, lambda s: build_run_model(s, ex), ex.device)
+    return _measure(SingleStep(run, dd, ex, compile_mode), spec, 1, warmup, steps)
 
 
-def measure_pack(specs: list[RunSpec], data: Cifar10, device: torch.device, amp: bool, compile: bool,
-                 compile_mode: str | None, warmup: int, steps: int, eval_batch: int) -> dict:  # fmt: skip
-    """Steady-state rates of a pack's step and evaluation (the body of pack.train_pack's loop)."""
+def measure_pack(specs: list[RunSpec], data: Cifar10, ex, compile_mode: str | None, warmup: int, steps: int) -> dict:
+    """Steady-state rates of the engine's own step and evaluation for a pack (packed.PackStep)."""
     from rethink.training.options import prepare_device
-    from rethink.training.packed import PackedModel, epoch_order, fresh_state, prepare_pack_data, train_batch
+    from rethink.training.packed import PackStep, member_model, prepare_pack_data
+    from rethink.training.trainer import fresh_run
 
-    prepare_device(device)  # as train_run does
-    pd = prepare_pack_data(specs, data, device)
-    pm = PackedModel(specs[0].model, 0.0, [fresh_state(s) for s in specs], device, compile=compile,
-                     compile_mode=compile_mode)  # fmt: skip
-    spec = specs[0]
-    bs = spec.batch_size
-    loss_sum = torch.zeros(len(specs), device=device, dtype=torch.float64)
-    order = {"epoch": -1}
-
-    def new_epoch():
-        order["epoch"] += 1
-        order["perm"], order["offsets"] = epoch_order(specs, order["epoch"], pd.n, device)
-
-    def step(b: int):
-        nonlocal loss_sum
-        x, y = train_batch(pd, order["perm"], order["offsets"], b, bs)
-        losses, _ = pm.train_step(x, y, spec.lr, spec.momentum, None, amp)
-        loss_sum += losses.double()
-
-    def evaluate_all():
-        pm.evaluate(pd.train_pre, pd.train_base, pd.train_y, pd.n, eval_batch)
-        return pm.evaluate(pd.test_pre, pd.test_base, pd.test_y, pd.m, eval_batch)[0]
-
-    return _measure(step, evaluate_all, new_epoch, math.ceil(pd.n / bs), device, warmup, steps, bs * len(specs),
-                    (pd.n + pd.m) * len(specs), lambda: None)  # fmt: skip
+    prepare_device(ex.device)  # as train_pack does
+    pd = prepare_pack_data(specs, data, ex.device)
+    runs = [fresh_run(s, member_model, ex.device) for s in specs]
+    return _measure(PackStep(runs, pd, ex, compile_mode), specs[0], len(specs), warmup, steps)
 
 
-def _measure(step, evaluate_all, new_epoch, n_batches, device, warmup, steps, images_per_step, eval_images,
-             train_mode) -> dict:  # fmt: skip
-    """Time `steps` steps after `warmup` steps, then one evaluation pass after a warm-up pass."""
-    b = n_batches
+def _measure(step, spec: RunSpec, k: int, warmup: int, steps: int) -> dict:
+    """Time `steps` steps of the engine's `step` (trainer.Step) after `warmup` steps, then one evaluation pass
+    after a warm-up pass; the timed steps start a new epoch (a new order, training mode), as the engine does."""
+    from rethink.training.trainer import learning_rate
+
+    n_batches = math.ceil(step.n_train / spec.batch_size)
+    loss_sum = torch.zeros(k, device=step.device, dtype=torch.float64)
+    at = {"epoch": -1, "batch": n_batches}
+
+    def new_epoch() -> None:
+        at["epoch"] += 1
+        at["batch"] = 0
+        step.begin_epoch(at["epoch"])
 
     def run(count: int) -> None:
-        nonlocal b
+        nonlocal loss_sum
         for _ in range(count):
-            if b >= n_batches:  # a new epoch: a new data order
+            if at["batch"] >= n_batches:
                 new_epoch()
-                b = 0
-            step(b)
-            b += 1
+            loss_sum += step.train(at["batch"], learning_rate(spec, at["epoch"]))[0].double()
+            at["batch"] += 1
 
-    timer = Timer(device)
+    timer = Timer(step.device)
     run(warmup)
-    evaluate_all()  # warm-up pass (compiles the evaluation graphs too)
-    train_mode()
+    step.evaluate()  # warm-up pass (compiles the evaluation graphs too)
+    new_epoch()
     timer.start()
     run(steps)
     t_train = timer.stop()
     timer.start()
-    last = evaluate_all()
+    test_loss = step.evaluate()[2]
     t_eval = timer.stop()
-    if not bool(torch.isfinite(last).all()):
+    if not bool(torch.isfinite(test_loss).all()):
         raise UserError("the benchmark's evaluation loss is not finite: the measured step is broken")
-    return {"train_images_per_s": steps * images_per_step / t_train, "eval_images_per_s": eval_images / t_eval}
+    return {"train_images_per_s": steps * spec.batch_size * k / t_train,
+            "eval_images_per_s": (step.n_train + step.n_test) * k / t_eval}  # fmt: skip
 
 
 def measure_epochs(specs: list[RunSpec], data: Cifar10, device_name: str, compile: bool, compile_mode: str | None,
@@ -308,7 +273,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
     if pack == 1:
         rates = measure_trainer(spec, data, ex, compile_mode, warmup, steps)
     else:
-        rates = measure_pack(specs, data, dev, amp, compile, compile_mode, warmup, steps, eval_batch)
+        rates = measure_pack(specs, data, ex, compile_mode, warmup, steps)
     train_flops, eval_flops = flops_per_image(model)
     peak, peak_name = device_peak(dev, amp)
     tflops = train_flops * rates["train_images_per_s"] / 1e12

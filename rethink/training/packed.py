@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -49,21 +48,10 @@ from rethink.spec import RunSpec
 from rethink.store import Store
 from rethink.store.lease import Lease, LeaseHeld
 from rethink.store.runs import run_state, write_metrics, write_spec
-from rethink.summary import epoch_record, stop_reason
-from rethink.training.checkpoint import checkpoint, checkpoint_position, load_checkpoint, save_checkpoint
 from rethink.training.grouping import check_packable
-from rethink.training.loop import (
-    EpochSteps,
-    OutOfTime,
-    Preempted,
-    SigtermFlag,
-    finish_run,
-    scale_invariant_weights,
-    seed_dropout,
-)
-from rethink.training.optim import make_sgd
-from rethink.training.options import ExecOptions, prepare_device
-from rethink.training.trainer import train_run
+from rethink.training.loop import Preempted, SigtermFlag, scale_invariant_weights
+from rethink.training.options import ExecOptions, Execution, prepare_device
+from rethink.training.trainer import RunProgress, restore_run, train_members, train_run
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -303,63 +291,59 @@ class PackedModel:
         return {n: self.momentum[n][k].to("cpu", copy=True) for n in self.param_names}
 
 
-# ---------------------------------------------------------------------------------------------- members
+# ---------------------------------------------------------------------------------------------- the step
 
 
-@dataclass
-class _Member:
-    """One run's state between steps, on the host (what a checkpoint holds)."""
+class PackStep:
+    """The engine's step (trainer.Step) for K >= 2 members: one PackedModel on the members' PackData."""
 
-    spec: RunSpec
-    model: dict
-    momentum: dict | None
-    metrics: list
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-    loss_sum: float = 0.0
-    grad_sq_sum: float = 0.0
-    elapsed: float = 0.0
-    rng: dict | None = None
-    rotate: bool = False
+    def __init__(self, runs: list[RunProgress], pd: PackData, ex: Execution, compile_mode: str | None = None):
+        spec0 = runs[0].spec
+        self.specs, self.pd, self.ex = [r.spec for r in runs], pd, ex
+        self.device, self.n_train, self.n_test = ex.device, pd.n, pd.m
+        momentum = [r.optimizer.state_dict()["momentum_buffers"] for r in runs]
+        self.pm = PackedModel(spec0.model, spec0.dropout, [r.model.state_dict() for r in runs], ex.device,
+                              momentum if all(momentum) else None, compile=ex.compile, compile_mode=compile_mode,
+                              track_norms=spec0.track_norms)  # fmt: skip
+        self._weight_decay()
+        self.perm = self.offsets = None
 
-    @property
-    def position(self) -> tuple[int, int]:
-        return (self.epoch, self.batch)
+    def _weight_decay(self) -> None:
+        wd = [s.weight_decay for s in self.specs]
+        self.wd = None if not any(wd) else torch.tensor(wd, device=self.device, dtype=torch.float32)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.perm, self.offsets = epoch_order(self.specs, epoch, self.n_train, self.device)
+
+    def train(self, b: int, lr: float):
+        spec0 = self.specs[0]
+        x, y = train_batch(self.pd, self.perm, self.offsets, b, spec0.batch_size)
+        return self.pm.train_step(x, y, lr, spec0.momentum, self.wd, self.ex.amp)
+
+    def evaluate(self) -> list[torch.Tensor]:
+        pd, pm, batch = self.pd, self.pm, self.ex.eval_batch
+        tl, tc = pm.evaluate(pd.train_pre, pd.train_base, pd.train_y, pd.n, batch)
+        vl, vc = pm.evaluate(pd.test_pre, pd.test_base, pd.test_y, pd.m, batch)
+        return [tl, tc, vl, vc]
+
+    def weight_sq(self) -> torch.Tensor | None:
+        return self.pm.weight_sq()
+
+    def member_state(self, k: int) -> tuple[dict, dict | None]:
+        return self.pm.member_state(k), self.pm.member_momentum(k)
+
+    def keep(self, idx: list[int]) -> None:
+        self.specs = [self.specs[k] for k in idx]
+        self.pm.keep(idx)
+        self.pd.keep(idx)
+        self._weight_decay()
 
 
-def fresh_state(spec: RunSpec) -> dict:
-    torch.manual_seed(spec.seed)  # as the trainer: the run's seed, then the model
-    return {k: v.detach().clone() for k, v in build_model(spec.model, dropout=spec.dropout).state_dict().items()}
-
-
-def _load_member(spec: RunSpec, store: Store, n_batches: int, log) -> _Member:
-    """The member's state from its checkpoint (validated as the trainer validates it), else a fresh one."""
-    template = build_model(spec.model, dropout=spec.dropout)
-    member = _Member(spec, model=fresh_state(spec), momentum=None, metrics=[])
-
-    def restore(ckpt: dict) -> None:
-        c_epoch, c_batch, c_step, c_metrics = checkpoint_position(ckpt, spec, n_batches)
-        rng = ckpt["rng"]
-        template.load_state_dict(ckpt["model"])  # raises on a missing key or a wrong shape
-        opt = make_sgd(template, spec)
-        opt.load_state_dict(ckpt["optimizer"])  # raises on buffers that do not fit
-        momentum = None
-        if spec.momentum != 0 and c_step > 0:
-            if opt.buffers is None:
-                raise ValueError("no momentum buffers after a step")
-            momentum = dict(zip(opt.names, opt.buffers))
-        member.model = {k: v.detach().clone() for k, v in template.state_dict().items()}
-        member.momentum = momentum and {k: v.detach().clone() for k, v in momentum.items()}
-        member.metrics, member.epoch, member.batch, member.step = c_metrics, c_epoch, c_batch, c_step
-        member.loss_sum = float(ckpt["loss_sum"])
-        member.grad_sq_sum = float(ckpt["grad_sq_sum"])
-        member.elapsed, member.rng = float(ckpt["elapsed_in_epoch"]), rng
-
-    ckpt, member.rotate = load_checkpoint(store, spec.run_id, restore, log)
-    if ckpt is not None:
-        log(f"run {spec.run_id}: resuming at epoch {member.epoch + 1}, batch {member.batch} (step {member.step})")
-    return member
+def member_model(spec: RunSpec) -> torch.nn.Module:
+    """A member's fresh model as the unpacked trainer initializes it (the run's seed, then the model), on the
+    host: the source of its slice of the stacked state."""
+    torch.manual_seed(spec.seed)
+    return build_model(spec.model, dropout=spec.dropout)
 
 
 # ---------------------------------------------------------------------------------------------- the pack
@@ -398,8 +382,9 @@ def train_pack(specs: list[RunSpec], store: Store, data: Cifar10, opts: ExecOpti
         with SigtermFlag() as sigterm:
             n = len(data.train_y[: specs[0].train_subset])
             n_batches = math.ceil(n / specs[0].batch_size)
-            members = [_load_member(s, store, n_batches, log) for s in todo]
-            groups: dict[tuple, list[_Member]] = {}
+            device = opts.resolve().device
+            members = [restore_run(s, store, member_model, device, n_batches, log) for s in todo]
+            groups: dict[tuple, list[RunProgress]] = {}
             for m in members:
                 groups.setdefault(m.position, []).append(m)
             if len(groups) > 1:
@@ -422,122 +407,20 @@ def train_pack(specs: list[RunSpec], store: Store, data: Cifar10, opts: ExecOpti
     return {s.run_id: results[s.run_id] for s in specs}
 
 
-def _save_member(store: Store, pm: PackedModel, k: int, member: _Member, device, batch: int, step: int,
-                 epoch: int, loss_sum, grad_sq_sum, t_epoch: float) -> None:  # fmt: skip
-    """Member k's checkpoint, in the unpacked trainer's format."""
-    state = checkpoint(member.spec, device, epoch=epoch, batch=batch, step=step, model=pm.member_state(k),
-                       momentum=pm.member_momentum(k), loss_sum=loss_sum, grad_sq_sum=grad_sq_sum, elapsed=t_epoch,
-                       metrics=member.metrics)  # fmt: skip
-    save_checkpoint(store, member.spec.run_id, state, member.rotate)
-    member.rotate = True
-
-
-def _train_together(members: list[_Member], store: Store, data: Cifar10, opts: ExecOptions,
+def _train_together(members: list[RunProgress], store: Store, data: Cifar10, opts: ExecOptions,
                     compile_mode: str | None, sigterm: SigtermFlag, leases: dict[str, Lease]) -> dict[str, dict]:  # fmt: skip
-    """Train members that stand at the same position as one packed model, to the end of each."""
-    log = opts.log
+    """Train members that stand at the same position as one packed model, to the end of each: the engine's
+    loop with the pack's step."""
     spec0 = members[0].spec
     ex = opts.resolve(amp=spec0.amp)  # one precision per pack: RunSpec.precision is a shared field (grouping.py)
-    device, amp = ex.device, ex.amp
-    prepare_device(device)
+    prepare_device(ex.device)
     env = ex.environment()
     env["channels_last"] = False  # a packed model runs 5-d batches; channels_last does not apply
     env["pack"] = {"size": len(members), "run_ids": [m.spec.run_id for m in members]}
     for m in members:
         write_spec(store, m.spec)
         write_metrics(store, m.spec.run_id, m.metrics)  # drop any line written after the checkpoint
-
-    pd = prepare_pack_data([m.spec for m in members], data, device)
-    momentum = [m.momentum for m in members] if members[0].momentum is not None else None
-    pm = PackedModel(spec0.model, spec0.dropout, [m.model for m in members], device, momentum,
-                     compile=opts.compile, compile_mode=compile_mode, track_norms=spec0.track_norms)  # fmt: skip
-    n, bs = pd.n, spec0.batch_size
-    n_batches = math.ceil(n / bs)
-    epoch, batch_start, step = members[0].epoch, members[0].batch, members[0].step
-    loss_sum = torch.tensor([m.loss_sum for m in members], device=device, dtype=torch.float64)
-    grad_sq_sum = torch.tensor([m.grad_sq_sum for m in members], device=device, dtype=torch.float64)
-    elapsed = [m.elapsed for m in members]
-    rng_state = members[0].rng
-    eval_batch, progress = ex.eval_batch, ex.progress
-    results: dict[str, dict] = {}
-    log(f"pack of {len(members)} {spec0.model} runs: {n} train / {pd.m} test images each on {device}; "
-        f"results in {store.where('runs')}/<run id>")  # fmt: skip
-
-    def weight_decay():
-        wd = [m.spec.weight_decay for m in members]
-        return None if not any(wd) else torch.tensor(wd, device=device, dtype=torch.float32)
-
-    wd = weight_decay()
-
-    def renew(force: bool = False) -> None:
-        for m in members:
-            leases[m.spec.run_id].renew(force)
-
-    def save_all(batch: int, t: float) -> None:
-        renew(force=True)  # a pack that lost a member's lease stops before it writes
-        for k, m in enumerate(members):
-            _save_member(store, pm, k, m, device, batch, step, epoch, loss_sum[k], grad_sq_sum[k], elapsed[k] + t)
-
-    while members:
-        specs = [m.spec for m in members]
-        lr = spec0.lr * spec0.lr_decay**epoch
-        perm, offsets = epoch_order(specs, epoch, n, device)
-        seed_dropout(spec0.seed, epoch, rng_state if batch_start > 0 else None, device)
-        rng_state = None
-        steps = EpochSteps(sigterm, save_all, n_batches, batch_start, opts.checkpoint_minutes, progress,
-                           f"pack epoch {epoch + 1}/{spec0.epochs}", f"pack of {len(members)}", opts.deadline,
-                           opts.clock, on_step=renew)  # fmt: skip
-        t0 = steps.t0
-        for b in range(batch_start, n_batches):
-            x, y = train_batch(pd, perm, offsets, b, bs)
-            losses, grad_sq = pm.train_step(x, y, lr, spec0.momentum, wd, amp)
-            loss_sum += losses.double()
-            if grad_sq is not None:
-                grad_sq_sum += grad_sq
-            step += 1
-            steps.after(b)
-        steps.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t_train = time.perf_counter() - t0
-        tl, tc = pm.evaluate(pd.train_pre, pd.train_base, pd.train_y, n, eval_batch)
-        vl, vc = pm.evaluate(pd.test_pre, pd.test_base, pd.test_y, pd.m, eval_batch)
-        rows = [loss_sum / n_batches, tl, tc.double(), vl, vc.double()]
-        wsq = pm.weight_sq()
-        if wsq is not None:
-            rows += [wsq, grad_sq_sum / n_batches]
-        vals = torch.stack(rows).T.tolist()  # the epoch's one host sync
-        t_epoch = time.perf_counter() - t0
-        epoch += 1
-        accs = [v[2] / n for v in vals]
-        log(f"pack epoch {epoch}/{spec0.epochs}: {len(members)} runs, train loss "
-            f"{min(v[0] for v in vals):.4f}..{max(v[0] for v in vals):.4f}, train acc {min(accs):.4f}.."
-            f"{max(accs):.4f} ({len(members) * n / max(t_train, 1e-9):.0f} img/s)")  # fmt: skip
-        renew(force=True)
-        keep: list[int] = []
-        for k, (m, v) in enumerate(zip(members, vals)):
-            rec = epoch_record(epoch, step, lr, v, n, pd.m, elapsed[k] + t_epoch, elapsed[k] + t_train)
-            m.metrics.append(rec)
-            write_metrics(store, m.spec.run_id, m.metrics)
-            stopped = stop_reason(m.spec, rec)
-            if stopped != "cap" or epoch == m.spec.epochs:
-                results[m.spec.run_id] = finish_run(store, m.spec, m.metrics, stopped, env, data.provenance(), log,
-                                                    " in a pack", opts.keep_checkpoints)  # fmt: skip
-            else:
-                keep.append(k)
-        batch_start = 0
-        elapsed = [0.0] * len(members)
-        loss_sum = torch.zeros(len(members), device=device, dtype=torch.float64)
-        grad_sq_sum = torch.zeros(len(members), device=device, dtype=torch.float64)
-        if len(keep) < len(members):
-            members = [members[k] for k in keep]
-            if not members:
-                break
-            pm.keep(keep)
-            pd.keep(keep)
-            wd = weight_decay()
-            elapsed, loss_sum, grad_sq_sum = elapsed[: len(keep)], loss_sum[: len(keep)], grad_sq_sum[: len(keep)]
-        save_all(0, 0.0)
-        if opts.deadline is not None and opts.clock() >= opts.deadline:
-            raise OutOfTime(f"pack of {len(members)}: time budget spent after epoch {epoch}; checkpoints written")
-    return results
+    step = PackStep(members, prepare_pack_data([m.spec for m in members], data, ex.device), ex, compile_mode)
+    opts.log(f"pack of {len(members)} {spec0.model} runs: {step.n_train} train / {step.n_test} test images each on "
+             f"{ex.device}; results in {store.where('runs')}/<run id>")  # fmt: skip
+    return train_members(members, step, store, data, opts, sigterm, leases, env)

@@ -235,6 +235,7 @@ def test_inception_pack_matches_unpacked_runs(data, tmp_path):
 _INTERRUPTED = """
 import json, os, signal, sys
 import rethink.training.packed as pack
+import rethink.training.trainer as engine
 from rethink.data.cifar import load_cifar10
 from rethink.spec import RunSpec
 from rethink.store import LocalStore
@@ -242,7 +243,7 @@ from rethink.training.loop import Preempted
 from rethink.training.options import ExecOptions
 
 data_dir, store, specs, sig, after = sys.argv[1:]
-save, calls = pack._save_member, []
+save, calls = engine.save_checkpoint, []  # one call per member's checkpoint
 
 def save_then_signal(*args, **kwargs):  # the signal arrives right after checkpoint number `after`
     save(*args, **kwargs)
@@ -250,7 +251,7 @@ def save_then_signal(*args, **kwargs):  # the signal arrives right after checkpo
     if len(calls) == int(after):
         os.kill(os.getpid(), getattr(signal, sig))
 
-pack._save_member = save_then_signal
+engine.save_checkpoint = save_then_signal
 specs = [RunSpec.from_dict(d) for d in json.loads(specs)]
 try:
     pack.train_pack(specs, LocalStore(store), load_cifar10(data_dir), ExecOptions(device="cpu", log=print))
