@@ -55,7 +55,7 @@ fi
 
 # Whole tables and figures first; each call resumes what the one before left partial.
 STEPS=(
-  "table1 --models inception,inception-nobn,alexnet"
+  "table1 --only-models inception,inception-nobn,alexnet"
   "fig1a"
   "fig1bc"
   "fig2b"

@@ -116,10 +116,10 @@ class Selection:
         for name, allowed in (("models", MODELS), ("pixels", PIXEL_MODES)):
             bad = [v for v in getattr(self, name) or () if v not in allowed]
             if bad:
-                raise UserError(f"--{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+                raise UserError(f"--only-{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
         for v in self.labels or ():
             if v not in ("true", "random", "partial") and not v.startswith("partial:"):
-                raise UserError(f"--labels: unknown {v!r}; use true, random, partial or partial:P")
+                raise UserError(f"--only-labels: unknown {v!r}; use true, random, partial or partial:P")
 
     @property
     def everything(self) -> bool:
@@ -132,7 +132,7 @@ class Selection:
                 and (self.pixels is None or spec.pixels in self.pixels))  # fmt: skip
 
     def describe(self) -> str:
-        parts = [f"--{k} {','.join(v)}" for k, v in (("models", self.models), ("labels", self.labels),
+        parts = [f"--only-{k} {','.join(v)}" for k, v in (("models", self.models), ("labels", self.labels),
                                                         ("pixels", self.pixels)) if v is not None]  # fmt: skip
         return " ".join(parts) or "everything"
 

@@ -161,6 +161,8 @@ class Settings:
     synthetic: bool = False
     epochs: int | None = None  # passed to every pod as --epochs
     smoke: bool = False  # passed to every pod as --smoke
+    stop_at_acc: float | None = None  # passed to every pod as --stop-at-acc
+    amp: bool = False  # passed to every pod as --amp: the suite's bf16 twins
     gpu: bool | None = None  # None: the profile's
     device: str | None = None  # passed to training pods as --device (None: the CLI's auto)
     pack: int = 1  # > 1: one pod per pack of up to this many compatible runs (rethink train --pack K)
@@ -200,7 +202,8 @@ def report_location(store: str, suite: str, synthetic: bool = False) -> str:
 def suite_runs(s: Settings) -> list[RunSpec]:
     """The suite's runs exactly as a pod expands them (same data set identity, seeds and sizing)."""
     dataset = default_identity() if s.synthetic else "cifar10"
-    return expand(s.suite, Options(dataset=dataset, seeds=s.seeds, epochs=s.epochs, smoke=s.smoke))
+    return expand(s.suite, Options(dataset=dataset, seeds=s.seeds, epochs=s.epochs, smoke=s.smoke,
+                                   target_acc=s.stop_at_acc, precision="bf16" if s.amp else "float32"))  # fmt: skip
 
 
 def work_items(specs: list[RunSpec]) -> list[WorkItem]:
@@ -239,6 +242,10 @@ def _suite_args(s: Settings) -> list[str]:
         args += ["--epochs", str(s.epochs)]
     if s.smoke:
         args.append("--smoke")
+    if s.stop_at_acc is not None:
+        args += ["--stop-at-acc", repr(s.stop_at_acc)]
+    if s.amp:
+        args.append("--amp")
     if s.synthetic:
         args.append("--synthetic")
     return args

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from rethink.cli.options import HelpFormatter, Parser
+from rethink.cli.options import HelpFormatter, Parser, add_expansion_options
 
 PROG = "submit.py"
 WORKFLOW_EXTRA = ("hera", "kubernetes")  # what `pip install -e '.[workflows]'` brings
@@ -67,7 +67,7 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--suite", help="suite to run (see rethink suites); required (no default) unless --regenerate-golden")
-    p.add_argument("--seeds", type=int, default=1, help="repeat the suite over this many seeds")
+    add_expansion_options(p)  # the CLI's own definition: the pods expand the suite exactly as this does
     p.add_argument("--pack", type=int, default=1,
                    help="train up to K compatible runs per pod as one batched model (rethink train --pack K); "
                         "1: one pod per run")  # fmt: skip
@@ -105,12 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--synthetic",
         action="store_true",
         help="pods train on the deterministic synthetic set instead of CIFAR-10 (no data download)",
-    )
-    p.add_argument(
-        "--epochs", type=int, default=None, help="cap every run at this many epochs (default: the suite's)"
-    )
-    p.add_argument(
-        "--smoke", action="store_true", help="size the suite like the smoke suite (256 images, 2 epochs)"
     )
     p.add_argument(
         "--deadline-hours", type=float, default=72.0, help="the workflow is stopped after this long"
@@ -158,7 +152,8 @@ def build_status_parser() -> argparse.ArgumentParser:
 def settings_from_args(a: argparse.Namespace) -> rw.Settings:
     return rw.Settings(
         suite=a.suite, seeds=a.seeds, profile=a.profile, image=a.image, namespace=a.namespace, store=a.store,
-        parallelism=a.parallelism, synthetic=a.synthetic, epochs=a.epochs, smoke=a.smoke, gpu=a.gpu,
+        parallelism=a.parallelism, synthetic=a.synthetic, epochs=a.epochs, smoke=a.smoke, stop_at_acc=a.stop_at_acc,
+        amp=a.amp, gpu=a.gpu,
         image_pull_policy=a.image_pull_policy, service_account=a.service_account, s3_secret=a.s3_secret,
         deadline_hours=a.deadline_hours, pack=a.pack, on_demand_after=a.on_demand_after,
     )  # fmt: skip
@@ -172,14 +167,16 @@ def summary(s: rw.Settings, specs, workflow_dict: dict) -> str:
     n_pods = len(rw.pack_items(specs, s.pack)) if s.pack > 1 else len(specs)
     packed = f" (packs of <= {s.pack} runs)" if s.pack > 1 else ""
     pods = f"{n_pods} training pods{packed}, " + ("1 GPU each" if s.uses_gpu else "no GPU requested")
-    cost = f"estimated {estimate_seconds(specs, 'gpu') / 3600:.2f} GPU-hours (one H100, float32; targets, not yet measured)"
+    precision = "bf16" if s.amp else "float32"
+    cost = f"estimated {estimate_seconds(specs, 'gpu') / 3600:.2f} GPU-hours (one H100, {precision}; targets, not yet measured)"
     if not s.uses_gpu:
         cost += f" or {estimate_seconds(specs, 'cpu') / 3600:.2f} CPU-hours (2 cores)"
     fallback = f"; on-demand nodes after {s.on_demand_after} failed attempts" if s.on_demand_after else ""
     return (
         f"suite {s.suite}, {s.seeds} seed(s), profile {s.profile}{fallback}: {len(specs)} runs -> {pods}, "
         f"at most {at_once} at once\n"
-        f"{cost}, every run to its epoch cap\n"
+        f"{cost}, " + (f"each run until {s.stop_at_acc:g} training accuracy or its epoch cap" if s.stop_at_acc else
+                       "every run to its epoch cap") + f"{'; bf16 runs (--amp)' if s.amp else ''}\n"
         f"workflow object: {size / 1024:.0f} KiB (etcd limit ~1 MiB); image {s.image}; store {s.store}"
     )
 

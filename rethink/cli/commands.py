@@ -76,7 +76,7 @@ def spec_from_args(args, dataset: str):
         lr=args.lr,
         batch_size=args.batch_size,
         **({} if args.epochs is None else {"epochs": args.epochs}),  # None: the spec's cap
-        target_train_acc=args.target_acc,
+        target_train_acc=args.stop_at_acc,
         seed=args.seed,
         dataset=dataset,
         train_subset=args.train_subset,
@@ -185,8 +185,8 @@ def cmd_plan(args) -> int:
     selection = selection_of(args)
     if args.pack is not None:
         if selection is not None:
-            raise UserError("plan --pack lists the packs pods train, of the whole suite: drop --models/--labels/"
-                            "--pixels (rethink run --pack K takes them)")  # fmt: skip
+            raise UserError("plan --pack lists the packs pods train, of the whole suite: drop --only-models/"
+                            "--only-labels/--only-pixels (rethink run --pack K takes them)")  # fmt: skip
         return _plan_packs(args, everything)
     # Indices stay those of the whole suite: `rethink train --suite S --index I` trains row I.
     rows = [(i, s) for i, s in enumerate(everything) if selection is None or s in selection]
@@ -271,7 +271,7 @@ def cmd_export(args) -> int:
     partial = []
     if args.suite is None:
         if selection_of(args) is not None:
-            raise UserError("--models/--labels/--pixels select part of a suite: give --suite S too")
+            raise UserError("--only-models/--only-labels/--only-pixels select part of a suite: give --suite S too")
         ids = finished_run_ids(store)
     else:
         specs = suite_specs(args)

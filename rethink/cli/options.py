@@ -83,26 +83,40 @@ def add_precision_option(p: argparse.ArgumentParser) -> None:
 def add_suite_options(p: argparse.ArgumentParser, required: bool = True, selectable: bool = True) -> None:
     p.add_argument("--suite", required=required, default=None,
                    help="suite name (see rethink suites)" + ("" if required else "; default: every finished run in the store"))
+    add_expansion_options(p)
+    if selectable:
+        add_selection_options(p)
+
+
+def add_expansion_options(p: argparse.ArgumentParser) -> None:
+    """How a suite becomes runs, declared once: the suite commands, `rethink train` (what pods run) and
+    workflows/submit.py take these options, so all of them name the same runs."""
+    from rethink.spec import EPOCH_CAP
+    from rethink.suites import SMOKE
+
     p.add_argument("--seeds", type=int, default=1, help="repeat the suite over this many seeds (0..K-1)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="cap every run at this many epochs (default: the per-model caps, 100 epochs each; "
-                        "smoke: 2)")  # fmt: skip
+                   help=f"cap every run at this many epochs (default: {EPOCH_CAP}; smoke: {SMOKE['epochs']})")
     p.add_argument("--smoke", action="store_true",
-                   help="size any suite like the smoke suite: 256 train / 256 test images, 2 epochs unless --epochs")  # fmt: skip
+                   help=f"size any suite like the smoke suite: {SMOKE['train_subset']} train / {SMOKE['test_subset']} "
+                        f"test images, {SMOKE['epochs']} epochs unless --epochs")  # fmt: skip
     p.add_argument("--stop-at-acc", type=fraction, default=None, metavar="ACC",
                    help="stop each run at the first epoch end with training accuracy >= ACC (e.g. 1.0), for little "
                         "compute: other runs than the paper's (their accuracies are not after convergence); "
                         "default: every run trains to its epoch cap")  # fmt: skip
     add_precision_option(p)
-    if selectable:
-        p.add_argument("--models", default=None, metavar="M[,M...]",
-                       help="only the runs of these models, e.g. mlp-1x512,mlp-3x512 (the MLP part of a suite, for a "
-                            "CPU); default: all models")  # fmt: skip
-        p.add_argument("--labels", dest="select_labels", default=None, metavar="L[,L...]",
-                       help="only runs with these label modes: true, random, partial (any p) or partial:P; "
-                            "default: all")  # fmt: skip
-        p.add_argument("--pixels", dest="select_pixels", default=None, metavar="P[,P...]",
-                       help="only runs with these pixel modes: none, shuffled, random, gaussian; default: all")
+
+
+def add_selection_options(p: argparse.ArgumentParser) -> None:
+    """Part of a suite. Named --only-*: --labels and --pixels are a run's own label and pixel modes (rethink
+    train), one meaning each."""
+    p.add_argument("--only-models", default=None, metavar="M[,M...]",
+                   help="only the runs of these models, e.g. mlp-1x512,mlp-3x512 (the MLP part of a suite, for a "
+                        "CPU); default: all models")  # fmt: skip
+    p.add_argument("--only-labels", default=None, metavar="L[,L...]",
+                   help="only runs with these label modes: true, random, partial (any p) or partial:P; default: all")
+    p.add_argument("--only-pixels", default=None, metavar="P[,P...]",
+                   help="only runs with these pixel modes: none, shuffled, random, gaussian; default: all")
 
 
 def fraction(text: str) -> float:
@@ -212,19 +226,19 @@ def precision_of(args) -> str:
 
 
 def selection_of(args):
-    """The part of the suite --models/--labels/--pixels select (None: all of it)."""
+    """The part of the suite --only-models/--only-labels/--only-pixels select (None: all of it)."""
     from rethink.suites import Selection
 
     def values(name):
         text = getattr(args, name, None)
         return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
 
-    s = Selection(models=values("models"), labels=values("select_labels"), pixels=values("select_pixels"))
+    s = Selection(models=values("only_models"), labels=values("only_labels"), pixels=values("only_pixels"))
     return None if s.everything else s
 
 
 def suite_specs(args, selected: bool = True):
-    """The suite's runs; with `selected`, only those --models/--labels/--pixels select."""
+    """The suite's runs; with `selected`, only those --only-models/--only-labels/--only-pixels select."""
     from rethink.suites import expand, select
 
     specs = expand(args.suite, suite_options(args))

@@ -12,7 +12,7 @@ from rethink.cli.options import (
     Parser,
     add_data_options,
     add_exec_options,
-    add_precision_option,
+    add_expansion_options,
     add_report_options,
     add_store_option,
     add_suite_options,
@@ -81,10 +81,6 @@ def _train(sub) -> None:
     p.add_argument("--dropout", type=float, default=d["dropout"], help="dropout probability before fully connected layers")
     p.add_argument("--lr", type=float, default=None, help=f"initial learning rate (default: {lrs})")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="minibatch size")
-    p.add_argument("--epochs", type=int, default=None, help=f"maximum number of epochs (default: {d['epochs']}; with "
-                   "--suite: the suite's caps)")
-    p.add_argument("--target-acc", type=float, default=None,
-                   help="stop once training accuracy reaches this (e.g. 1.0); default: train all epochs")
     p.add_argument("--seed", type=int, default=d["seed"], help="seed for initialization, data order and corruption")
     p.add_argument("--train-subset", type=int, default=None,
                    help="use only the first N training images; default: all training images")
@@ -95,9 +91,7 @@ def _train(sub) -> None:
                    "default: the run the options above describe")
     p.add_argument("--index", type=int, default=None,
                    help="index into the suite's runs (see rethink plan); with --suite: this or --pack-index is required")
-    p.add_argument("--seeds", type=int, default=1, help="with --suite: the suite's number of seeds")
-    p.add_argument("--smoke", action="store_true", help="with --suite: the suite in smoke sizing (see rethink run)")
-    add_precision_option(p)
+    add_expansion_options(p)  # for one run (--epochs, --stop-at-acc, --amp) and for --suite alike
     p.add_argument("--pack", type=int, default=1, help="with --suite and --pack-index: the suite's pack size K")
     p.add_argument("--pack-index", type=int, default=None,
                    help="train pack number J of the suite's packs of --pack K runs together (see rethink plan --pack); "

@@ -101,7 +101,7 @@ def export(store: Store, out: str, run_ids: list[str] | None = None, partial_ids
     size = sum(len(b) for b in entries.values())
     if max_bytes is not None and size > max_bytes:
         raise UserError(f"the records of {len(runs)} runs take {size / 2**20:.1f} MiB, more than the "
-                        f"{max_bytes / 2**20:.1f} MiB allowed: export fewer runs (--suite, --models)")  # fmt: skip
+                        f"{max_bytes / 2**20:.1f} MiB allowed: export fewer runs (--suite, --only-models)")  # fmt: skip
     partial, skipped = [], []
     for rid in partial_ids:
         files = {n: store.read_bytes(run_key(rid, n)) for n in PARTIAL_FILES}

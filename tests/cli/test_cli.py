@@ -266,8 +266,8 @@ def test_help_names_the_defaults_the_code_resolves_later():
     assert {RunSpec(model=m).lr for m in ("alexnet", "mlp-3x512", "mlp-1x512")} == {INITIAL_LR["alexnet"]}
     assert f"(default: {RunSpec(model='mlp-1x512').epochs};" in help_of(("train",), "--epochs")
     cap = EPOCH_CAP
-    for words in (("plan",), ("run",), ("status",), ("aggregate",)):
-        assert f"{cap} epochs each" in help_of(words, "--epochs"), words
+    for words in (("plan",), ("run",), ("status",), ("aggregate",)):  # one definition (cli.options): one text
+        assert f"(default: {cap};" in help_of(words, "--epochs"), words
     for words in (("run",), ("aggregate",)):
         assert f"(default: {OVERFIT_THRESHOLD}," in help_of(words, "--overfit-threshold"), words
     with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()) as out:
@@ -352,3 +352,23 @@ def test_a_suite_with_amp_is_the_bf16_twin_of_each_run(capsys):
     assert not {r["run_id"] for r in fp32} & {r["run_id"] for r in bf16}
     for a, b in zip(fp32, bf16):
         assert RunSpec.from_dict(b["spec"]) == RunSpec.from_dict(a["spec"]).replace(precision="bf16")
+
+
+def test_only_flags_select_part_of_a_suite_and_labels_keeps_one_meaning(capsys):
+    """--only-models/--only-labels/--only-pixels select runs of the whole suite (same ids); --labels is a run's
+    own label mode (rethink train), not a filter."""
+
+    def plan(*extra):
+        code = main(["plan", "--suite", "table1", "--synthetic", "--json", *extra])
+        return code, capsys.readouterr()
+
+    whole = {r["run_id"]: r for r in json.loads(plan()[1].out)}
+    code, out = plan("--only-models", "mlp-1x512", "--only-labels", "random")
+    part = json.loads(out.out)
+    assert code == 0 and part and all(r["run_id"] in whole for r in part)
+    assert {(r["model"], r["labels"]) for r in part} == {("mlp-1x512", "random")}
+    code, out = plan("--only-labels", "noisy")
+    assert code == 2 and "--only-labels" in _one_error_line(out.err)
+    with pytest.raises(SystemExit) as e:  # not an option of plan: a run's labels are set on rethink train
+        plan("--labels", "random")
+    assert e.value.code == 2 and "unrecognized arguments: --labels" in capsys.readouterr().err

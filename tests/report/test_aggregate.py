@@ -315,7 +315,7 @@ def test_a_selected_part_says_what_is_missing_and_why(tmp_path):
     report.aggregate(store, "table1", o, log=lambda m: None, selection=selection)
     md = read(store, "table1", "report.md")
     assert "13 not selected, 6 finished of 19 runs" in md
-    assert "Not selected for this store (--models mlp-1x512,mlp-3x512), so not run: 5 runs of Small Inception, " in md
+    assert "Not selected for this store (--only-models mlp-1x512,mlp-3x512), so not run: 5 runs of Small Inception, " in md
     assert "3 runs of Small Inception w/o BatchNorm, about" in md and "5 runs of Small AlexNet, about" in md
     rows = table1_rows(store, "table1")
     assert [r["status"] for r in rows[13:]] == ["ok"] * 6

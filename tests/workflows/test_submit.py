@@ -213,3 +213,34 @@ def test_regenerate_golden_writes_every_golden_file(tmp_path, monkeypatch, capsy
         assert (tmp_path / f"{name}.yaml").read_text() == (
             ROOT / "workflows/golden" / f"{name}.yaml"
         ).read_text()
+
+
+def test_submit_takes_the_suite_options_from_the_clis_own_definition():
+    """submit.py's suite options are the CLI's (same flags, defaults, types and help as `rethink run`), and
+    builder.Settings' defaults are what submit.py parses when given only a suite."""
+    from rethink.cli import build_parser
+
+    def actions(parser):
+        return {flag: a for a in parser._actions for flag in a.option_strings}
+
+    run = actions(next(a for a in build_parser()._actions if a.dest == "command").choices["run"])
+    sub = actions(submit.build_parser())
+    for flag in ("--seeds", "--epochs", "--smoke", "--stop-at-acc", "--amp"):
+        a, b = run[flag], sub[flag]
+        assert (a.dest, a.default, a.type, a.help, type(a)) == (b.dest, b.default, b.type, b.help, type(b)), flag
+    assert submit.settings_from_args(submit.build_parser().parse_args(["--suite", "fig2b"])) == rw.Settings("fig2b")
+
+
+def test_pods_expand_the_suite_the_submitter_expanded(capsys):
+    """With --stop-at-acc and --amp the workflow's runs are the ones `rethink plan` names with the same flags,
+    and every pod is told both."""
+    from rethink.cli import main
+
+    s = submit.settings_from_args(submit.build_parser().parse_args(
+        ["--suite", "fig2b", "--synthetic", "--stop-at-acc", "0.9", "--amp"]))  # fmt: skip
+    assert main(["plan", "--suite", "fig2b", "--synthetic", "--stop-at-acc", "0.9", "--amp", "--json"]) == 0
+    planned = [r["run_id"] for r in json.loads(capsys.readouterr().out)]
+    assert [spec.run_id for spec in rw.suite_runs(s)] == planned
+    assert all(spec.precision == "bf16" and spec.target_train_acc == 0.9 for spec in rw.suite_runs(s))
+    text = json.dumps(rw.build_workflow(s).to_dict())
+    assert '"--stop-at-acc", "0.9"' in text and '"--amp"' in text
