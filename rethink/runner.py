@@ -13,21 +13,19 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
+from rethink.errors import is_failure
 from rethink.spec import RunSpec
-from rethink.store import Store, StoreError, open_store
+from rethink.store import Store, open_store
 from rethink.store.lease import LeaseHeld, LeaseLost
 from rethink.store.runs import record_failure, run_state
 from rethink.training.grouping import group_packs
-from rethink.training.loop import OutOfTime, Preempted
+from rethink.training.loop import OutOfTime
 from rethink.training.options import ExecOptions
 from rethink.training.packed import train_pack
 from rethink.training.trainer import train_run
 
-__all__ = ["FATAL", "DataSource", "Outcome", "record_failure", "run_specs", "run_state"]
+__all__ = ["DataSource", "Outcome", "record_failure", "run_specs", "run_state"]
 
-# What stops the whole runner instead of failing one run: preemption, Ctrl-C, and a store that cannot be written
-# (every other run would fail the same way, and their failures could not be recorded either).
-FATAL = (Preempted, KeyboardInterrupt, StoreError)
 
 
 @dataclass
@@ -80,9 +78,9 @@ def _train_task(task: list[RunSpec], store: Store, data, opts: ExecOptions) -> d
         return {s.run_id: None if run_state(store, s).finished else PARTIAL for s in task}
     except (LeaseHeld, LeaseLost):  # another trainer has it: not a failure, and not ours to record
         return {s.run_id: None if run_state(store, s).finished else ELSEWHERE for s in task}
-    except FATAL:
-        raise
-    except Exception as e:
+    except BaseException as e:
+        if not is_failure(e):  # SIGTERM, Ctrl-C, a store that cannot be written: the whole call stops
+            raise
         return {s.run_id: None if run_state(store, s).finished else record_failure(store, s, e)
                 for s in task}  # fmt: skip
 
@@ -203,10 +201,10 @@ def run_specs(
                 task = futures[fut]
                 try:
                     results = fut.result()
-                except FATAL:
-                    pool.shutdown(cancel_futures=True)
-                    raise
-                except Exception as e:  # the worker process died
+                except BaseException as e:  # a stop, or the worker process died
+                    if not is_failure(e):
+                        pool.shutdown(cancel_futures=True)
+                        raise
                     results = {s.run_id: None if run_state(store, s).finished
                                else record_failure(store, s, e) for s in task}  # fmt: skip
                 report(results)
@@ -230,13 +228,13 @@ def hms(seconds: float) -> str:
 
 def expected_seconds(specs: list[RunSpec], opts: ExecOptions) -> float:
     """The catalogue's estimate of training `specs` on the device `opts` asks for (every run to its cap)."""
-    from rethink.perf.estimates import estimate_seconds
+    from rethink.experiments.estimates import estimate_seconds
 
     return estimate_seconds(specs, "gpu" if _on_gpu(opts) else "cpu")
 
 
 def expected_basis(opts: ExecOptions) -> str:
-    from rethink.perf.estimates import SOURCE
+    from rethink.experiments.estimates import SOURCE
 
     kind = "gpu" if _on_gpu(opts) else "cpu"
     return f"every run to its cap at the per-epoch rates of docs/performance.md, {SOURCE[kind]}"

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from rethink.errors import UserError
 from rethink.experiments import fig2b, periodic, quickstart, randomization, regularizers, table1
 from rethink.experiments.base import WEIGHT_DECAY, Component, Options
+from rethink.experiments.estimates import estimate_seconds
 from rethink.paper import MODELS
-from rethink.perf.estimates import estimate_seconds
 from rethink.spec import RunSpec
 
 __all__ = ["COMPONENTS", "SUITES", "WEIGHT_DECAY", "Options", "Selection", "Suite", "components", "estimate_seconds",

@@ -9,7 +9,7 @@ import time
 from rethink.spec import RunSpec
 
 # Every result records the first step at which the epoch-end training accuracy reached each of these
-# (Figure 1b's time to overfit reads one of them; 99% by default, see report.kit.OVERFIT_THRESHOLD).
+# (Figure 1b's time to overfit reads one of them; 99% by default, see experiments.kit.OVERFIT_THRESHOLD).
 ACC_THRESHOLDS = (0.9, 0.95, 0.99, 1.0)
 TIMING_FIELDS = ("epoch_seconds", "train_seconds", "eval_seconds", "images_per_second")
 

@@ -106,7 +106,7 @@ MUTATIONS = [
     Mutation("momentum-default", "rethink/paper.py",
              "MOMENTUM = 0.9\n", "MOMENTUM = 0.0\n",
              ("tests/test_paper.py", "tests/test_spec.py"), "the default momentum is not the paper's 0.9"),
-    Mutation("overfit-threshold", "rethink/report/kit.py",
+    Mutation("overfit-threshold", "rethink/experiments/kit.py",
              "OVERFIT_THRESHOLD = 0.99\n", "OVERFIT_THRESHOLD = 1.0\n",
              ("tests/cli/test_cli.py", "tests/report/test_aggregate.py"),
              "Figure 1b's time to overfit read at 100% while the help says 99%"),

@@ -10,8 +10,8 @@ import torch
 
 from rethink.data.cifar import load_cifar10
 from rethink.errors import UserError
+from rethink.experiments.kit import OVERFIT_THRESHOLD
 from rethink.models import build_model
-from rethink.report.kit import OVERFIT_THRESHOLD
 from rethink.spec import SPEC_VERSION, RunSpec
 from rethink.store import LocalStore
 from rethink.store.runs import read_metrics

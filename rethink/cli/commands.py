@@ -19,7 +19,7 @@ from rethink.cli.options import (
     suite_options,
     suite_specs,
 )
-from rethink.errors import Stopped, UserError
+from rethink.errors import UserError, is_failure
 
 
 def cmd_models(args) -> int:
@@ -120,15 +120,13 @@ def recording_failures(store, specs):
     later finishes), so `status` and the report say failed, with the message. Not failures: preemption and a
     lease another trainer holds (Stopped, LeaseHeld), Ctrl-C, and a store that cannot be written (nothing
     could be recorded there)."""
-    from rethink.store import StoreError
-    from rethink.store.lease import LeaseHeld
     from rethink.store.runs import record_failure, run_state
 
     try:
         yield
-    except (Stopped, LeaseHeld, StoreError, KeyboardInterrupt):
-        raise
-    except Exception as e:
+    except BaseException as e:
+        if not is_failure(e):  # the one definition the runner uses too
+            raise
         for spec in specs:
             if not run_state(store, spec).finished:
                 record_failure(store, spec, e)
@@ -324,8 +322,8 @@ def cmd_run(args) -> int:
 
 
 def _aggregate(args) -> None:
+    from rethink.experiments.kit import OVERFIT_THRESHOLD
     from rethink.report.aggregate import aggregate
-    from rethink.report.kit import OVERFIT_THRESHOLD
     from rethink.store import open_store
 
     threshold = getattr(args, "overfit_threshold", None) or OVERFIT_THRESHOLD

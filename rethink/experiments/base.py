@@ -49,7 +49,7 @@ def suite_spec(o: Options, seed: int, tag: str, model: str, stop_at_target: bool
 @dataclass(frozen=True)
 class Component:
     """One figure or table: the runs it needs (a function of the suite's options) and how its report section is
-    rendered from them (report/kit.py's Context -> Section, or None for no section)."""
+    rendered from them (experiments/kit.py's Context -> Section, or None for no section)."""
 
     name: str
     runs: Callable[[Options], list[RunSpec]]

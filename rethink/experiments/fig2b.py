@@ -4,8 +4,7 @@ regularizers off (the same runs as Table 1's rows), with what early stopping cou
 from __future__ import annotations
 
 from rethink.experiments.base import Component, Options, suite_spec
-from rethink.paper import DISPLAY
-from rethink.report.kit import (
+from rethink.experiments.kit import (
     COLORS,
     Context,
     Section,
@@ -18,6 +17,7 @@ from rethink.report.kit import (
     plot_curves,
     seeds_note,
 )
+from rethink.paper import DISPLAY
 from rethink.spec import RunSpec
 
 

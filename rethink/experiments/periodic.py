@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from statistics import median
 
 from rethink.experiments.base import Component, Options, suite_spec
-from rethink.report.kit import Section, md_table
+from rethink.experiments.kit import Section, md_table
 from rethink.spec import RunSpec
 
 # BatchNorm is what makes the weights scale-invariant; Small Inception is the paper's BatchNorm model.

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from rethink.experiments.base import Component, Options, suite_spec
-from rethink.paper import DISPLAY, FIG1A_MODES
-from rethink.report.kit import (
+from rethink.experiments.kit import (
     COLORS,
     MARKERS,
     Context,
@@ -18,6 +17,7 @@ from rethink.report.kit import (
     plot_curves,
     seeds_note,
 )
+from rethink.paper import DISPLAY, FIG1A_MODES
 from rethink.spec import RunSpec
 from rethink.summary import first_reached
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from rethink.experiments.base import Component, Options, suite_spec
-from rethink.paper import CORRUPTION_LEVELS, DISPLAY, FIG1A_MODES, FIG1BC_MODELS
-from rethink.report.kit import (
+from rethink.experiments.kit import (
     COLORS,
     MARKERS,
     Context,
@@ -23,6 +22,7 @@ from rethink.report.kit import (
     plot_points,
     seeds_note,
 )
+from rethink.paper import CORRUPTION_LEVELS, DISPLAY, FIG1A_MODES, FIG1BC_MODELS
 from rethink.spec import RunSpec
 from rethink.summary import first_reached
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 from rethink.experiments.base import WEIGHT_DECAY, Component, Options, suite_spec
+from rethink.experiments.kit import Section, md_table
 from rethink.paper import DISPLAY, TABLE1_ROWS
-from rethink.report.kit import Section, md_table
 from rethink.spec import RunSpec
 
 MODELS = ("inception", "alexnet", "mlp-1x512")

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 
 from rethink.experiments.base import WEIGHT_DECAY, Component, Options, suite_spec
+from rethink.experiments.kit import Context, Section, data_link, md_table, needs
 from rethink.paper import DISPLAY, TABLE1_ROWS
-from rethink.report.kit import Context, Section, data_link, md_table, needs
 from rethink.spec import RunSpec
 
 

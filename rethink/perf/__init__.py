@@ -1,2 +1,2 @@
-"""Speed: the benchmark (bench), hardware peaks (peaks), the typical DataLoader pipeline it is compared with
-(baseline), and what runs cost (estimates, torch-free). Imports nothing itself."""
+"""Speed: the benchmark (bench), hardware peaks (peaks) and the typical DataLoader pipeline it is compared with
+(baseline). What runs cost is the experiments' (experiments/estimates.py). Imports nothing itself."""

@@ -1,4 +1,3 @@
-"""The report: the kit every section is drawn with (kit), the aggregation of a suite's runs into its report
-(aggregate), and the self-contained HTML page (html). Imports nothing itself: experiments import the kit, and
-the aggregation imports the experiments through the catalogue.
+"""The report: the aggregation of a suite's runs into its report (aggregate) and the self-contained HTML page
+(html). Imports nothing itself; the kit every section is drawn with is the experiments' own (experiments/kit.py).
 """

@@ -2,7 +2,7 @@
 and a self-contained report, written to `reports/<suite>/` in the same store (local or S3).
 
 Whatever runs exist are drawn; the missing, partial, failed and damaged ones are listed with what they need.
-A section renderer is the experiment's own (experiments/*, Component.render); it gets a report.kit.Context.
+A section renderer is the experiment's own (experiments/*, Component.render); it gets an experiments.kit.Context.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 
 from rethink import suites
+from rethink.experiments.kit import OVERFIT_THRESHOLD, Context, Section, md_escape, md_table, needs
 from rethink.paper import DEFAULT_LR, DISPLAY
 from rethink.report.html import SYNTHETIC_BANNER, to_html
-from rethink.report.kit import OVERFIT_THRESHOLD, Context, Section, md_escape, md_table, needs
 from rethink.spec import EPOCH_CAP, RunSpec
 from rethink.store import Store
 from rethink.store.runs import RunState, read_metrics, run_state

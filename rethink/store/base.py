@@ -12,6 +12,7 @@ class StoreError(UserError):
     """The store cannot be reached or refuses us; the message says which and what to do."""
 
     exit_code = 3
+    failure = False  # nothing could be recorded in it
 
 
 class Store:

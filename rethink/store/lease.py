@@ -32,6 +32,7 @@ class LeaseHeld(UserError):
     """Another live trainer holds the run's lease."""
 
     exit_code = 4
+    failure = False  # the run is that trainer's
 
 
 class LeaseLost(Stopped):

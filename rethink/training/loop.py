@@ -27,8 +27,10 @@ class Preempted(Stopped):
     exit_code = 143
 
 
-class OutOfTime(Exception):
+class OutOfTime(Stopped):
     """The time budget (ExecOptions.deadline) ended; the run's checkpoint is current, a later call resumes it."""
+
+    exit_code = 0
 
 
 class SigtermFlag:

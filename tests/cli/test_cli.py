@@ -16,7 +16,7 @@ import pytest
 
 from rethink.cli import build_parser, main
 from rethink.data.cifar import DIRNAME, load_cifar10
-from rethink.report.kit import OVERFIT_THRESHOLD
+from rethink.experiments.kit import OVERFIT_THRESHOLD
 from rethink.spec import EPOCH_CAP, RunSpec
 from tests.test_paper import INITIAL_LR
 from tests.test_paper import PARAMS as TABLE_1  # typed in once, from the paper

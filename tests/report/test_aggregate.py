@@ -11,9 +11,9 @@ import re
 import pytest
 
 from rethink import paper, suites
+from rethink.experiments import kit
 from rethink.experiments.base import Component
 from rethink.report import aggregate as report
-from rethink.report import kit
 from rethink.spec import RunSpec
 from rethink.store import LocalStore
 from rethink.store.runs import run_key

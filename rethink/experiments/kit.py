@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from rethink.perf.estimates import estimate_seconds
+from rethink.experiments.estimates import estimate_seconds
 from rethink.spec import RunSpec
 from rethink.store import Store
 
@@ -218,7 +218,7 @@ def data_link(*names: str) -> str:
 def needs(specs: list[RunSpec]) -> str:
     """What training `specs` costs, from the catalogue's estimates, each with where its figure comes from:
     'about 40 GPU-minutes (a target ...) or 3.1 CPU-hours (measured ...)'."""
-    from rethink.perf.estimates import SOURCE
+    from rethink.experiments.estimates import SOURCE
 
     def amount(seconds: float, kind: str) -> str:
         m = max(1, round(seconds / 60))
