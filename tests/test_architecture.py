@@ -209,3 +209,27 @@ def test_run_paths_are_spelled_in_one_place():
     found = [f"{path.relative_to(ROOT)}:{i}" for name, path in _modules().items() if name != "rethink.store.runs"
              for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]  # fmt: skip
     assert not found, found
+
+
+# The command entry points of modules with options of their own (expressivity, kernel, bench): they take the
+# namespace themselves. Every other command hands values down.
+OWN_OPTIONS = {"run_and_report", "run_cli"}
+VALUE_BUILDERS = {"data_of", "suite_of", "spec_of", "exec_options", "precision_of"}
+
+
+def test_commands_turn_arguments_into_values_once():
+    """In cli/commands.py only the command handlers see argparse's namespace, and they pass it whole only to the
+    value builders of cli/options.py (or to a module's own command entry point): helpers get values."""
+    tree = ast.parse((ROOT / "rethink" / "cli" / "commands.py").read_text())
+    wrong = []
+    for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+        params = [a.arg for a in fn.args.args]
+        if "args" in params and not fn.name.startswith("cmd_"):
+            wrong.append(f"{fn.name} takes the namespace")
+        for call in [n for n in ast.walk(fn) if isinstance(n, ast.Call)]:
+            name = call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", "")
+            whole = [a for a in [*call.args, *(k.value for k in call.keywords)]
+                     if isinstance(a, ast.Name) and a.id == "args"]  # fmt: skip
+            if whole and name not in VALUE_BUILDERS | OWN_OPTIONS:
+                wrong.append(f"{fn.name} hands the namespace to {name}")
+    assert not wrong, "\n".join(wrong)

@@ -95,8 +95,6 @@ def test_run_command_exits_nonzero_listing_failures(tmp_path, data_dir, monkeypa
     monkeypatch.setattr(runner, "train_run", flaky)
     argv = ["run", "--suite", "fig2b", "--smoke", "--epochs", "1", "--seeds", "2", "--data-dir", str(data_dir),
             "--store", str(tmp_path / "s"), "--device", "cpu", "--no-aggregate"]  # fmt: skip
-    monkeypatch.setattr("rethink.cli.commands.dataset_of", lambda args: dataset_identity(data_dir))
-    monkeypatch.setattr("rethink.cli.commands.data_dir_of", lambda args: data_dir)
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "2 of 4 runs failed" in err and err.count("simulated failure") == 2

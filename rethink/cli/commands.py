@@ -1,4 +1,5 @@
-"""The `rethink` commands: each handler turns parsed arguments into typed calls of the package."""
+"""The `rethink` commands. Each handler first turns its parsed arguments into values, once (cli.options: the
+data, the suite, the run, the execution options), and hands only those down."""
 
 from __future__ import annotations
 
@@ -7,18 +8,8 @@ import importlib
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from rethink.cli.options import (
-    data_dir_of,
-    dataset_of,
-    exec_options,
-    load_data,
-    precision_of,
-    selection_of,
-    suite_options,
-    suite_specs,
-)
+from rethink.cli.options import Data, SuiteRequest, data_of, exec_options, spec_of, suite_of
 from rethink.errors import UserError, is_failure
 
 
@@ -57,59 +48,36 @@ def cmd_data_push(args) -> int:
     return 0
 
 
-def spec_from_args(args, dataset: str):
-    from rethink.spec import RunSpec
-
-    if args.spec:
-        try:
-            text = Path(args.spec).read_text()
-        except OSError as e:
-            raise UserError(f"cannot read spec file {args.spec}: {e.strerror}") from None
-        return RunSpec.from_json(text)
-    return RunSpec(
-        model=args.model,
-        labels=args.labels,
-        pixels=args.pixels,
-        weight_decay=args.weight_decay,
-        random_crop=args.random_crop,
-        dropout=args.dropout,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        **({} if args.epochs is None else {"epochs": args.epochs}),  # None: the spec's cap
-        target_train_acc=args.stop_at_acc,
-        seed=args.seed,
-        dataset=dataset,
-        train_subset=args.train_subset,
-        test_subset=args.test_subset,
-        precision=precision_of(args),
-    )
-
-
 def cmd_train(args) -> int:
     from rethink.store import open_store
     from rethink.store.runs import run_dir, run_key, run_state
 
+    data, opts, store_url = data_of(args), exec_options(args), args.store
+    suite = suite_of(args, data)
     if args.pack_index is not None or args.pack != 1:
-        return _train_pack(args)
+        if args.suite is None or args.pack_index is None or args.index is not None:
+            raise UserError("--pack goes with --suite S --pack-index J (not --index): rethink train --suite S --pack K "
+                            "--pack-index J; see rethink plan --suite S --pack K")  # fmt: skip
+        return _train_pack(suite, args.pack, args.pack_index, open_store(store_url), data, opts)
     if args.suite is not None or args.index is not None:
         if args.suite is None or args.index is None:
             raise UserError("--suite and --index go together: rethink train --suite S --index I")
-        specs = suite_specs(args, selected=False)  # the index is into the whole suite, as pods count
+        specs = suite.specs(selected=False)  # the index is into the whole suite, as pods count
         if not 0 <= args.index < len(specs):
             raise UserError(f"--index {args.index} is out of range: suite {args.suite} has {len(specs)} runs")
         spec = specs[args.index]
     elif not args.spec and not args.model:
         raise UserError("rethink train needs --model M, --spec FILE or --suite S --index I; see rethink train --help")
     else:
-        spec = spec_from_args(args, dataset_of(args))
-    store = open_store(args.store)
+        spec = spec_of(args, data)
+    store = open_store(store_url)
     print(f"run {spec.run_id}: {spec.label()} -> {store.where(run_dir(spec.run_id))}", flush=True)
     if run_state(store, spec).finished:  # no need to load (or download) any data
         print(f"run {spec.run_id} is already finished: {store.where(run_key(spec.run_id, 'result.json'))}")
         return 0
     with recording_failures(store, [spec]):
-        data, train_run = _data_and(args, "rethink.training.trainer", "train_run")
-        train_run(spec, store, data, exec_options(args))
+        loaded, train_run = _data_and(data, "rethink.training.trainer", "train_run")
+        train_run(spec, store, loaded, opts)
     return 0
 
 
@@ -133,32 +101,27 @@ def recording_failures(store, specs):
         raise
 
 
-def _data_and(args, module: str, name: str):
+def _data_and(data: Data, module: str, name: str):
     """The data set, read (torch-free) in a thread while `module` imports torch, and `module.name`."""
     with ThreadPoolExecutor(1) as reader:
-        data = reader.submit(load_data, args)
+        data = reader.submit(data.load)
         function = getattr(importlib.import_module(module), name)
         return data.result(), function
 
 
-def _train_pack(args) -> int:
+def _train_pack(suite: SuiteRequest, k: int, index: int, store, data: Data, opts) -> int:
     """`rethink train --suite S --pack K --pack-index J`: one pack of a suite, as a cluster pod trains it."""
-    from rethink.store import open_store
     from rethink.store.runs import run_state
     from rethink.training.grouping import suite_pack
 
-    if args.suite is None or args.pack_index is None or args.index is not None:
-        raise UserError("--pack goes with --suite S --pack-index J (not --index): rethink train --suite S --pack K "
-                        "--pack-index J; see rethink plan --suite S --pack K")  # fmt: skip
-    pack = suite_pack(suite_specs(args, selected=False), args.pack, args.pack_index)
-    store = open_store(args.store)
+    pack = suite_pack(suite.specs(selected=False), k, index)
     todo = [s for s in pack if not run_state(store, s).finished]
-    print(f"pack {args.pack_index}: {len(pack)} {pack[0].model} runs, {len(pack) - len(todo)} already finished -> "
+    print(f"pack {index}: {len(pack)} {pack[0].model} runs, {len(pack) - len(todo)} already finished -> "
           f"{store.where('runs')}", flush=True)  # fmt: skip
     if todo:  # a finished pack needs no data
         with recording_failures(store, todo):
-            data, train_pack = _data_and(args, "rethink.training.packed", "train_pack")
-            train_pack(pack, store, data, exec_options(args))
+            loaded, train_pack = _data_and(data, "rethink.training.packed", "train_pack")
+            train_pack(pack, store, loaded, opts)
     return 0
 
 
@@ -179,13 +142,13 @@ def cmd_suites(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    everything = suite_specs(args, selected=False)
-    selection = selection_of(args)
+    suite = suite_of(args, data_of(args))
+    everything, selection = suite.specs(selected=False), suite.selection
     if args.pack is not None:
         if selection is not None:
             raise UserError("plan --pack lists the packs pods train, of the whole suite: drop --only-models/"
                             "--only-labels/--only-pixels (rethink run --pack K takes them)")  # fmt: skip
-        return _plan_packs(args, everything)
+        return _plan_packs(everything, args.pack, args.json)
     # Indices stay those of the whole suite: `rethink train --suite S --index I` trains row I.
     rows = [(i, s) for i, s in enumerate(everything) if selection is None or s in selection]
     if args.json:
@@ -201,13 +164,13 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _plan_packs(args, specs) -> int:
+def _plan_packs(specs, k: int, as_json: bool) -> int:
     """The packs `rethink train --suite S --pack K --pack-index J` trains, J = 0, 1, ..."""
     from rethink.training.grouping import group_packs
 
-    packs = group_packs(specs, args.pack)
+    packs = group_packs(specs, k)
     index = {s.run_id: i for i, s in enumerate(specs)}
-    if args.json:
+    if as_json:
         rows = [{"pack_index": j, "size": len(p), "model": p[0].model, "epochs": p[0].epochs,
                  "run_ids": [s.run_id for s in p], "indices": [index[s.run_id] for s in p]}
                 for j, p in enumerate(packs)]  # fmt: skip
@@ -216,7 +179,7 @@ def _plan_packs(args, specs) -> int:
     print(f"{'pack':>4}  {'runs':>4}  {'model':<16} run ids")
     for j, p in enumerate(packs):
         print(f"{j:>4}  {len(p):>4}  {p[0].model:<16} {' '.join(s.run_id for s in p)}")
-    print(f"{len(packs)} packs of <= {args.pack} runs ({len(specs)} runs)")
+    print(f"{len(packs)} packs of <= {k} runs ({len(specs)} runs)")
     return 0
 
 
@@ -224,9 +187,10 @@ def cmd_status(args) -> int:
     from rethink.store import open_store
     from rethink.store.runs import run_state
 
-    store = open_store(args.store)
+    data, store = data_of(args), open_store(args.store)
+    suite = suite_of(args, data)
     counts: dict[str, int] = {}
-    for s in suite_specs(args):
+    for s in suite.specs():
         st = run_state(store, s)
         counts[st.state] = counts.get(st.state, 0) + 1
         print(f"{s.run_id}  {st.state:<12} {s.label():<48} {st.detail}")
@@ -234,28 +198,25 @@ def cmd_status(args) -> int:
     print(", ".join(f"{n} {state}" for state, n in counts.items()) + f" ({store.where()}: {objects} files, "
           f"{size / 2**20:.1f} MiB)")  # fmt: skip
     if set(counts) == {"not started"}:
-        hint = other_source_hint(args, store)
+        hint = other_source_hint(suite, data, store)
         if hint:
             print(hint)
     return 0
 
 
-def other_source_hint(args, store) -> str | None:
+def other_source_hint(suite: SuiteRequest, data: Data, store) -> str | None:
     """When the store holds none of the suite's runs on the data the options select but some on the other source
     (synthetic or CIFAR-10): one line naming the flag that finds them."""
-    import argparse
-
     from rethink.store.runs import run_state
 
-    synthetic = getattr(args, "synthetic", False)
-    other = argparse.Namespace(**{**vars(args), "synthetic": not synthetic})
-    specs = suite_specs(other)
+    synthetic = data.synthetic
+    specs = suite.on(data.other_source()).specs()
     found = sum(run_state(store, s).state != "not started" for s in specs)
     if not found:
         return None
     here, there = ("the synthetic set", "CIFAR-10") if synthetic else ("CIFAR-10", "the synthetic set")
     flag = "drop --synthetic" if synthetic else "add --synthetic"
-    return (f"note: no run of suite {args.suite} on {here} in {store.where()}, but {found} of its {len(specs)} runs "
+    return (f"note: no run of suite {suite.name} on {here} in {store.where()}, but {found} of its {len(specs)} runs "
             f"on {there} are there: {flag} to see them")  # fmt: skip
 
 
@@ -265,14 +226,14 @@ def cmd_export(args) -> int:
     from rethink.store.records import export, finished_run_ids
     from rethink.store.runs import run_state
 
-    store = open_store(args.store)
+    store, suite = open_store(args.store), suite_of(args, data_of(args))
     partial = []
-    if args.suite is None:
-        if selection_of(args) is not None:
+    if suite.name is None:
+        if suite.selection is not None:
             raise UserError("--only-models/--only-labels/--only-pixels select part of a suite: give --suite S too")
         ids = finished_run_ids(store)
     else:
-        specs = suite_specs(args)
+        specs = suite.specs()
         states = {s.run_id: run_state(store, s).state for s in specs}
         ids = [s.run_id for s in specs if states[s.run_id] == "finished"]
         partial = [s.run_id for s in specs if states[s.run_id] == "partial"] if args.partial_checkpoints else []
@@ -296,11 +257,12 @@ def cmd_run(args) -> int:
 
     from rethink.runner import DataSource, run_specs
 
-    opts = exec_options(args)
+    data, opts = data_of(args), exec_options(args)
+    suite = suite_of(args, data)
     if args.time_budget is not None:
         opts.deadline = opts.clock() + args.time_budget  # counted from the command's start
-    specs = suite_specs(args)
-    source = DataSource(str(data_dir_of(args)), verify=not args.no_verify_data)
+    specs = suite.specs()
+    source = DataSource(str(data.directory()), verify=data.verify)
     t0 = time.monotonic()
     outcome = run_specs(specs, args.store, source, opts, jobs=args.jobs, pack=args.pack)
     failures = outcome.failures
@@ -312,7 +274,7 @@ def cmd_run(args) -> int:
         if not args.no_aggregate:
             print("report not rendered (the budget is spent): rethink aggregate with the same options renders it")
     elif not args.no_aggregate:
-        _aggregate(args)
+        _aggregate(suite, data, args.store, args.overfit_threshold)
     if failures:
         print(f"rethink: {len(failures)} of {len(specs)} runs failed:", file=sys.stderr)
         for rid, message in failures.items():
@@ -321,19 +283,17 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _aggregate(args) -> None:
+def _aggregate(suite: SuiteRequest, data: Data, store_url: str, overfit_threshold: float | None) -> None:
     from rethink.experiments.kit import OVERFIT_THRESHOLD
     from rethink.report.aggregate import aggregate
     from rethink.store import open_store
-
-    threshold = getattr(args, "overfit_threshold", None) or OVERFIT_THRESHOLD
-    store = open_store(args.store)
-    written = aggregate(store, args.suite, suite_options(args), log=lambda m: print(m, flush=True),
-                        overfit_threshold=threshold, selection=selection_of(args))  # fmt: skip
     from rethink.store.runs import run_state
 
-    if all(run_state(store, s).state == "not started" for s in suite_specs(args)):
-        hint = other_source_hint(args, store)
+    store = open_store(store_url)
+    written = aggregate(store, suite.name, suite.options, log=lambda m: print(m, flush=True),
+                        overfit_threshold=overfit_threshold or OVERFIT_THRESHOLD, selection=suite.selection)  # fmt: skip
+    if all(run_state(store, s).state == "not started" for s in suite.specs()):
+        hint = other_source_hint(suite, data, store)
         if hint:
             print(hint)
     for key in written:
@@ -342,20 +302,21 @@ def _aggregate(args) -> None:
 
 
 def cmd_aggregate(args) -> int:
-    _aggregate(args)
+    data = data_of(args)
+    _aggregate(suite_of(args, data), data, args.store, args.overfit_threshold)
     return 0
 
 
 def cmd_expressivity(args) -> int:
     from rethink.experiments.expressivity import run_and_report
 
-    return run_and_report(load_data(args), args)
+    return run_and_report(data_of(args).load(), args)
 
 
 def cmd_kernel(args) -> int:
     from rethink.experiments.kernel import run_and_report
 
-    return run_and_report(load_data(args), args)
+    return run_and_report(data_of(args).load(), args)
 
 
 def cmd_bench(args) -> int:

@@ -4,12 +4,15 @@ functions that turn parsed arguments into typed values (data, execution options,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from rethink.data.synthetic import DEFAULT_SIZE
+from rethink.errors import UserError
 from rethink.store import DEFAULT_STORE
 
 DEFAULT_DATA_DIR = "./data"
@@ -155,48 +158,131 @@ def duration(text: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- arguments -> values
+# Each command turns its namespace into these values first, once (data_of, suite_of, exec_options, spec_of), and
+# hands only them down: nothing below the command reads argparse's namespace.
 
 
-def data_dir_of(args) -> Path:
-    """The data directory the options select (creating the default synthetic set when asked for)."""
-    from rethink.data.cifar import DIRNAME, META_FILE
-    from rethink.data.synthetic import write_synthetic
+@dataclass(frozen=True)
+class Data:
+    """The data the options select: nothing is read, created or fetched until `directory` or `load`."""
 
-    base = Path(args.data_dir)
-    if not getattr(args, "synthetic", False):
-        from rethink.data.archive import fetch_if_missing
-        from rethink.store import open_store
+    data_dir: Path  # --data-dir
+    synthetic: bool = False  # --synthetic: the default synthetic set under data_dir/synthetic
+    verify: bool = True  # check the official md5s (--no-verify-data: False)
+    store: str | None = None  # the store a pod's empty data dir is filled from (data push)
 
-        store_url = getattr(args, "store", None)
-        if store_url and not (base / DIRNAME).is_dir():  # a pod's empty data dir: the store's archive first
-            fetch_if_missing(open_store(store_url), base)
-        return base
-    path = base / "synthetic"
-    if not (path / DIRNAME / META_FILE).exists():
-        print(f"creating a synthetic data set in {path} (not CIFAR-10)", file=sys.stderr)
-        write_synthetic(path, *DEFAULT_SIZE, seed=0)
-    return path
+    @property
+    def identity(self) -> str:
+        """The data set identity runs record (RunSpec.dataset), without creating or downloading anything."""
+        from rethink.data.cifar import dataset_identity
+        from rethink.data.synthetic import default_identity
+
+        return default_identity() if self.synthetic else dataset_identity(self.data_dir)
+
+    def other_source(self) -> Data:
+        """The same options on the other source (CIFAR-10 <-> the synthetic set)."""
+        return dataclasses.replace(self, synthetic=not self.synthetic)
+
+    def directory(self) -> Path:
+        """The directory holding the data (creating the default synthetic set, or fetching a pod's archive)."""
+        from rethink.data.cifar import DIRNAME, META_FILE
+        from rethink.data.synthetic import write_synthetic
+
+        if not self.synthetic:
+            from rethink.data.archive import fetch_if_missing
+            from rethink.store import open_store
+
+            if self.store and not (self.data_dir / DIRNAME).is_dir():  # a pod's empty data dir: the store's archive
+                fetch_if_missing(open_store(self.store), self.data_dir)
+            return self.data_dir
+        path = self.data_dir / "synthetic"
+        if not (path / DIRNAME / META_FILE).exists():
+            print(f"creating a synthetic data set in {path} (not CIFAR-10)", file=sys.stderr)
+            write_synthetic(path, *DEFAULT_SIZE, seed=0)
+        return path
+
+    def load(self):
+        from rethink.data.cifar import load_cifar10
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = load_cifar10(self.directory(), verify=self.verify)
+        if not self.verify and not data.synthetic:
+            print(f"warning: md5 checksums of {data.path} not verified (--no-verify-data)", file=sys.stderr)
+        return data
 
 
-def dataset_of(args) -> str:
-    """The data set identity the options select, without creating or downloading anything."""
-    from rethink.data.cifar import dataset_identity
-    from rethink.data.synthetic import default_identity
-
-    if getattr(args, "synthetic", False):
-        return default_identity()
-    return dataset_identity(args.data_dir)
+def data_of(args) -> Data:
+    return Data(Path(args.data_dir), synthetic=getattr(args, "synthetic", False),
+                verify=not getattr(args, "no_verify_data", False), store=getattr(args, "store", None))  # fmt: skip
 
 
-def load_data(args):
-    from rethink.data.cifar import load_cifar10
+@dataclass(frozen=True)
+class SuiteRequest:
+    """The suite the options name: its expansion options and the part of it selected."""
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        data = load_cifar10(data_dir_of(args), verify=not args.no_verify_data)
-    if args.no_verify_data and not data.synthetic:
-        print(f"warning: md5 checksums of {data.path} not verified (--no-verify-data)", file=sys.stderr)
-    return data
+    name: str | None
+    options: object  # suites.Options
+    selection: object | None = None  # suites.Selection; None: all of it
+
+    def specs(self, selected: bool = True) -> list:
+        """The suite's runs; with `selected`, only those --only-models/--only-labels/--only-pixels select."""
+        from rethink.suites import expand, select
+
+        specs = expand(self.name, self.options)
+        return select(specs, self.selection) if selected else specs
+
+    def on(self, data: Data) -> SuiteRequest:
+        """The same suite on other data (another data set identity: other runs)."""
+        return dataclasses.replace(self, options=dataclasses.replace(self.options, dataset=data.identity))
+
+
+def suite_of(args, data: Data) -> SuiteRequest:
+    from rethink.suites import Options, Selection
+
+    def values(name):
+        text = getattr(args, name, None)
+        return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
+
+    options = Options(dataset=data.identity, seeds=getattr(args, "seeds", 1), epochs=getattr(args, "epochs", None),
+                      smoke=getattr(args, "smoke", False), target_acc=getattr(args, "stop_at_acc", None),
+                      precision=precision_of(args))  # fmt: skip
+    s = Selection(models=values("only_models"), labels=values("only_labels"), pixels=values("only_pixels"))
+    return SuiteRequest(getattr(args, "suite", None), options, None if s.everything else s)
+
+
+def precision_of(args) -> str:
+    """The runs' precision: bf16 with --amp (commands without the flag: float32)."""
+    return "bf16" if getattr(args, "amp", False) else "float32"
+
+
+def spec_of(args, data: Data):
+    """The one run `rethink train --model M ...` (or --spec FILE) describes."""
+    from rethink.spec import RunSpec
+
+    if args.spec:
+        try:
+            text = Path(args.spec).read_text()
+        except OSError as e:
+            raise UserError(f"cannot read spec file {args.spec}: {e.strerror}") from None
+        return RunSpec.from_json(text)
+    return RunSpec(
+        model=args.model,
+        labels=args.labels,
+        pixels=args.pixels,
+        weight_decay=args.weight_decay,
+        random_crop=args.random_crop,
+        dropout=args.dropout,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        **({} if args.epochs is None else {"epochs": args.epochs}),  # None: the spec's cap
+        target_train_acc=args.stop_at_acc,
+        seed=args.seed,
+        dataset=data.identity,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        precision=precision_of(args),
+    )
 
 
 def exec_options(args):
@@ -211,35 +297,3 @@ def exec_options(args):
         **({"lease_seconds": args.lease_seconds} if args.lease_seconds is not None else {}),
         log=lambda msg: print(msg, flush=True),
     )
-
-
-def suite_options(args):
-    from rethink.suites import Options
-
-    return Options(dataset=dataset_of(args), seeds=args.seeds, epochs=args.epochs, smoke=getattr(args, "smoke", False),
-                   target_acc=getattr(args, "stop_at_acc", None), precision=precision_of(args))  # fmt: skip
-
-
-def precision_of(args) -> str:
-    """The runs' precision: bf16 with --amp (commands without the flag: float32)."""
-    return "bf16" if getattr(args, "amp", False) else "float32"
-
-
-def selection_of(args):
-    """The part of the suite --only-models/--only-labels/--only-pixels select (None: all of it)."""
-    from rethink.suites import Selection
-
-    def values(name):
-        text = getattr(args, name, None)
-        return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
-
-    s = Selection(models=values("only_models"), labels=values("only_labels"), pixels=values("only_pixels"))
-    return None if s.everything else s
-
-
-def suite_specs(args, selected: bool = True):
-    """The suite's runs; with `selected`, only those --only-models/--only-labels/--only-pixels select."""
-    from rethink.suites import expand, select
-
-    specs = expand(args.suite, suite_options(args))
-    return select(specs, selection_of(args)) if selected else specs

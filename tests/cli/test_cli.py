@@ -315,11 +315,11 @@ def test_a_bad_choice_is_the_error_and_where_to_look(argv, words, capsys):
 
 def test_train_without_options_is_the_specs_defaults():
     """`rethink train --model M` names the run RunSpec(model=M) names: the CLI takes its defaults from the spec."""
-    from rethink.cli.commands import spec_from_args
+    from rethink.cli.options import data_of, spec_of
 
     for model in ("mlp-1x512", "inception"):
         args = build_parser().parse_args(["train", "--model", model])
-        assert spec_from_args(args, "cifar10") == RunSpec(model=model, dataset="cifar10")
+        assert spec_of(args, data_of(args)) == RunSpec(model=model, dataset="cifar10")
 
 
 def test_amp_trains_the_bf16_twin_as_a_run_of_its_own(synth_dir, tmp_path, capsys):

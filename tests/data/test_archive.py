@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rethink.cli import main
-from rethink.cli.options import data_dir_of
+from rethink.cli.options import data_of
 from rethink.data import archive as datastore
 from rethink.data import cifar
 from rethink.data.synthetic import write_synthetic
@@ -112,7 +112,7 @@ def test_train_data_dir_is_filled_from_the_store_before_any_download(tmp_path, l
         cifar, "download_archive", lambda d: pytest.fail("downloaded although the store has the archive")
     )
     args = argparse.Namespace(data_dir=str(tmp_path / "pod"), synthetic=False, store=str(store_dir))
-    path = data_dir_of(args)
+    path = data_of(args).directory()
     assert (path / cifar.DIRNAME / cifar.META_FILE).exists()
     assert datastore.fetch_if_missing(str(store_dir), path) is False  # already there: nothing fetched again
 
