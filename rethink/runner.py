@@ -111,7 +111,7 @@ def run_specs(
 ) -> Outcome:
     """Train every spec not yet finished; returns the failures ({run_id: error message}) and what became of the
     rest (`Outcome`). With pack > 1, compatible runs train together in packs of up to `pack`
-    (rethink.pack.group_packs). With `opts.deadline`, no run starts after it and running ones checkpoint and
+    (training.grouping.group_packs). With `opts.deadline`, no run starts after it and running ones checkpoint and
     stop at it (`rethink run --time-budget`): a later call resumes where this one stopped.
     """
     store = open_store(store_url)

@@ -1,7 +1,7 @@
 """`rethink bench`: training and evaluation throughput, seconds per epoch, FLOPs and utilization of one model.
 
-What is timed is the trainer's own work: the same resident data, preprocessing, step and evaluation as
-`train.train_run` (K = 1) or `pack.train_pack` (K > 1), on synthetic images of CIFAR's shape held in
+What is timed is the engine's own work: its step and evaluation objects, `trainer.SingleStep` (K = 1) or
+`packed.PackStep` (K > 1), on the same resident data and preprocessing, on synthetic images of CIFAR's shape held in
 memory (or the files under --data-dir). Rates are steady state: `warmup` steps (and one evaluation pass)
 run first, so compilation and allocator warm-up are not counted; CUDA events time the GPU, perf_counter
 the CPU. `--epochs E` also runs the real trainer end to end for 1 + E epochs and reports its own clocks.

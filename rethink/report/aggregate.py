@@ -15,12 +15,12 @@ from rethink.paper import DEFAULT_LR, DISPLAY
 from rethink.report.html import SYNTHETIC_BANNER, to_html
 from rethink.spec import EPOCH_CAP, RunSpec
 from rethink.store import Store
-from rethink.store.runs import RunState, read_metrics, run_state
+from rethink.store.runs import RunStatus, read_metrics, run_state
 
 UNOFFICIAL_BANNER = "Data not verified against the official CIFAR-10 checksums."
 
 
-def _load(store: Store, specs: list[RunSpec]) -> tuple[dict[str, RunState], dict, dict]:
+def _load(store: Store, specs: list[RunSpec]) -> tuple[dict[str, RunStatus], dict, dict]:
     """Each run's state (the one reading: store.runs.run_state), its per-epoch metrics and its result."""
     states = {s.run_id: run_state(store, s) for s in specs}
     metrics = {s.run_id: read_metrics(store, s.run_id) for s in specs}
@@ -109,7 +109,7 @@ def data_line(data) -> str:
     return data.get("description", data.get("identity", "")) + (f" (md5: {files})" if files else "")
 
 
-def _status(specs: list[RunSpec], states: dict[str, RunState], selection=None) -> tuple[str, dict]:
+def _status(specs: list[RunSpec], states: dict[str, RunStatus], selection=None) -> tuple[str, dict]:
     counts: dict[str, int] = {}
     lines, unselected = [], []
     for s in specs:

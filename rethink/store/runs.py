@@ -84,7 +84,7 @@ def read_error(store: Store, run_id: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class RunState:
+class RunStatus:
     """What a store says about one run: 'finished', 'partial', 'failed', 'damaged' or 'not started'."""
 
     state: str
@@ -96,25 +96,25 @@ class RunState:
         return self.state == "finished"
 
 
-def run_state(store: Store, spec: RunSpec) -> RunState:
+def run_state(store: Store, spec: RunSpec) -> RunStatus:
     """The one reading of a run's state, used by train, run, status, export and the report."""
     rid = spec.run_id
     try:
         result = read_result(store, rid)
     except DamagedRecord as e:
-        return RunState("damaged", str(e))
+        return RunStatus("damaged", str(e))
     if result is not None:
         detail = f"{result.get('epochs')} epochs, stopped at {result.get('stopped')}"
         if isinstance(result.get("final_test_acc"), (int, float)):
             detail += f", test acc {result['final_test_acc']:.4f}"
-        return RunState("finished", detail, result)
+        return RunStatus("finished", detail, result)
     error = read_error(store, rid)
     if error is not None:
-        return RunState("failed", error)
+        return RunStatus("failed", error)
     metrics = read_metrics(store, rid)
     if metrics or store.exists(run_key(rid, "checkpoint.pt")):
-        return RunState("partial", f"epoch {len(metrics)} of {spec.epochs}")
-    return RunState("not started")
+        return RunStatus("partial", f"epoch {len(metrics)} of {spec.epochs}")
+    return RunStatus("not started")
 
 
 # ---------------------------------------------------------------------------------------------- writing

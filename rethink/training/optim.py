@@ -16,7 +16,7 @@ class MomentumSGD:
     w -= lr * buf; dampening 0, no Nesterov: the same foreach kernels in the same order as torch.optim.SGD
     with foreach=True, so the numbers are bit-identical to it (a test compares them). Written out because
     torch.optim imports torch._dynamo on first use (about a second per process, a third of a short run's
-    overhead), and so that packs (pack.PackedModel) and single runs share one definition of a step.
+    overhead), and so that packs (packed.PackedModel) and single runs share one definition of a step.
     """
 
     def __init__(self, named_params: list[tuple[str, torch.Tensor]], decayed: set[str], lr: float,

@@ -1,4 +1,6 @@
-"""Packed training: K runs of one architecture and schedule trained in one process as one batched model.
+"""Packed training: K runs of one architecture and schedule trained in one process as one batched model. The
+epoch loop, the per-run state and the restore are the engine's (trainer.train_members, RunProgress,
+restore_run); this module adds the pack's data, its stacked model and its step (`PackStep`).
 
 How. The K models' parameters and buffers are stacked along a new leading dimension and one functional
 copy of the module runs under `torch.func.vmap` (`functional_call` on the stacked tensors, the pattern of
@@ -8,7 +10,7 @@ stacked running statistics (evaluation uses them). SGD with momentum is written 
 with each run's own weight decay added to the gradient of its kernels (wd_k * w_k, what the trainer's SGD
 group of decayed weights does; biases and BatchNorm offsets are not decayed).
 
-What stays per run, exactly as the unpacked trainer (`train.train_run`) draws it: initialization
+What stays per run, exactly as the unpacked trainer (`trainer.train_run`) draws it: initialization
 (`torch.manual_seed(seed)` then `build_model`), data order and random crops (`epoch_seed(seed, epoch)`),
 label and pixel corruption (`prepare_data`), weight decay, BatchNorm statistics, early stopping at the
 target accuracy, and everything in the store: `runs/<id>/{spec.json, metrics.jsonl, checkpoint.pt,

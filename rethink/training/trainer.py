@@ -57,7 +57,7 @@ def learning_rate(spec: RunSpec, epoch: int) -> float:
 @dataclass
 class RunProgress:
     """One run between two steps: where it is, what it has gathered, and its model and optimizer (a checkpoint
-    holds all of it). Not the store's view of a run (store.runs.RunState: finished, partial, failed...)."""
+    holds all of it). Not the store's view of a run (store.runs.RunStatus: finished, partial, failed...)."""
 
     spec: RunSpec
     model: torch.nn.Module  # K = 1: the module that trains; in a pack: the source of the member's stacked state
