@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from rethink.errors import UserError
 from rethink.experiments import fig2b, periodic, quickstart, randomization, regularizers, table1
-from rethink.experiments.base import WEIGHT_DECAY, Component, Options
+from rethink.experiments.base import SMOKE, WEIGHT_DECAY, Component, Options
 from rethink.experiments.estimates import estimate_seconds
 from rethink.paper import MODELS
 from rethink.spec import RunSpec
@@ -26,7 +26,6 @@ COMPONENTS: dict[str, Component] = {
     for c in module.COMPONENTS
 }
 PAPER_COMPONENTS = ("fig1a", "fig1bc", "table1", "fig2b")
-SMOKE = dict(train_subset=256, test_subset=256, epochs=2)  # every path in minutes on a CPU
 
 
 @dataclass(frozen=True)

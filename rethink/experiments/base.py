@@ -11,6 +11,9 @@ from rethink.spec import EPOCH_CAP, RunSpec
 # Weight decay, when a run has it on [choice: the paper does not state the coefficient; docs/protocol.md].
 WEIGHT_DECAY = 5e-4
 
+# The smoke sizing (the smoke suite, --smoke): every path in minutes on a CPU.
+SMOKE = dict(train_subset=256, test_subset=256, epochs=2)
+
 
 @dataclass(frozen=True)
 class Options:
