@@ -94,8 +94,8 @@ def add_suite_options(p: argparse.ArgumentParser, required: bool = True, selecta
 def add_expansion_options(p: argparse.ArgumentParser) -> None:
     """How a suite becomes runs, declared once: the suite commands, `rethink train` (what pods run) and
     workflows/submit.py take these options, so all of them name the same runs."""
-    from rethink.spec import EPOCH_CAP
     from rethink.experiments.base import SMOKE  # not rethink.suites: the parser imports no plotting library
+    from rethink.spec import EPOCH_CAP
 
     p.add_argument("--seeds", type=int, default=1, help="repeat the suite over this many seeds (0..K-1)")
     p.add_argument("--epochs", type=int, default=None,
