@@ -11,3 +11,4 @@ agg --suite fig2b
 agg --suite regularizers
 agg --suite full
 python results/readme.py
+python results/precision.py

@@ -40,3 +40,32 @@ def test_committed_report_is_what_the_records_render(args, tmp_path, capsys):
     for name in names:
         ours = (tmp_path / "reports" / suite / name).read_text().replace(str(tmp_path), "results")
         assert ours == (committed / name).read_text(), f"results/reports/{suite}/{name} differs from its records"
+
+
+def test_the_precision_comparison_pairs_a_bf16_run_with_its_float32_twin(tmp_path, synth_dir):
+    """results/precision.py finds each finished bf16 run whose float32 twin is there, and writes both rows and
+    the difference of their final test accuracies; a float32 run alone is not compared."""
+    import sys
+
+    from rethink.data.cifar import load_cifar10
+    from rethink.spec import RunSpec
+    from rethink.store import LocalStore
+    from rethink.training.options import ExecOptions
+    from rethink.training.trainer import train_run
+
+    sys.path.insert(0, str(RESULTS))
+    import precision
+
+    data = load_cifar10(synth_dir, verify=False)
+    store = LocalStore(tmp_path)
+    base = RunSpec(model="mlp-1x512", dataset=data.identity, epochs=2, batch_size=50)
+    quiet = ExecOptions(device="cpu", log=lambda m: None)
+    alone = train_run(base.replace(seed=1), store, data, quiet)
+    assert precision.section(tmp_path / "runs", tmp_path / "figs") == ["No bf16 run with its float32 twin in results/ yet."]
+    fp32 = train_run(base, store, data, quiet)
+    bf16 = train_run(base.replace(precision="bf16"), store, data, quiet)
+    lines = precision.section(tmp_path / "runs", tmp_path / "figs")
+    text = "\n".join(lines)
+    assert f"`{fp32['run_id']}`" in text and f"`{bf16['run_id']}`" in text and alone["run_id"] not in text
+    assert f"{100 * (bf16['final_test_acc'] - fp32['final_test_acc']):+.2f} points" in text
+    assert sorted(p.suffix for p in (tmp_path / "figs").iterdir()) == [".png", ".svg"]
