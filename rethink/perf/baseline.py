@@ -190,7 +190,7 @@ def run_epochs(name: str, train_x, train_y, test_x, test_y, device: torch.device
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The typical pipeline as a whole process, for end-to-end comparisons with `rethink train` (farm-bench)."""
+    """The typical pipeline as a whole process, for end-to-end comparisons with `rethink train` (bench/e2e-mlp.py)."""
     import argparse
 
     from rethink.data.cifar import load_cifar10
