@@ -211,15 +211,12 @@ def test_run_paths_are_spelled_in_one_place():
     assert not found, found
 
 
-# The command entry points of modules with options of their own (expressivity, kernel, bench): they take the
-# namespace themselves. Every other command hands values down.
-OWN_OPTIONS = {"run_and_report", "run_cli"}
 VALUE_BUILDERS = {"data_of", "suite_of", "spec_of", "exec_options", "precision_of"}
 
 
 def test_commands_turn_arguments_into_values_once():
     """In cli/commands.py only the command handlers see argparse's namespace, and they pass it whole only to the
-    value builders of cli/options.py (or to a module's own command entry point): helpers get values."""
+    value builders of cli/options.py: everything else gets values."""
     tree = ast.parse((ROOT / "rethink" / "cli" / "commands.py").read_text())
     wrong = []
     for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
@@ -230,7 +227,7 @@ def test_commands_turn_arguments_into_values_once():
             name = call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", "")
             whole = [a for a in [*call.args, *(k.value for k in call.keywords)]
                      if isinstance(a, ast.Name) and a.id == "args"]  # fmt: skip
-            if whole and name not in VALUE_BUILDERS | OWN_OPTIONS:
+            if whole and name not in VALUE_BUILDERS:
                 wrong.append(f"{fn.name} hands the namespace to {name}")
     assert not wrong, "\n".join(wrong)
 

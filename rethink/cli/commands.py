@@ -310,16 +310,25 @@ def cmd_aggregate(args) -> int:
 def cmd_expressivity(args) -> int:
     from rethink.experiments.expressivity import run_and_report
 
-    return run_and_report(data_of(args).load(), args)
+    return run_and_report(data_of(args).load(), n=args.n, labels=args.labels, seed=args.seed,
+                          bias_position=args.bias_position, store=args.store, as_json=args.json)  # fmt: skip
 
 
 def cmd_kernel(args) -> int:
     from rethink.experiments.kernel import run_and_report
 
-    return run_and_report(data_of(args).load(), args)
+    return run_and_report(data_of(args).load(), store=args.store, as_json=args.json, features=args.features,
+                          n_train=args.n_train, n_test=args.n_test, filters=args.filters, l2s=args.l2, dtype=args.dtype,
+                          device=args.device, seed=args.seed)  # fmt: skip
 
 
 def cmd_bench(args) -> int:
-    from rethink.perf.bench import run_cli
+    from rethink.perf.bench import bench, format_record
 
-    return run_cli(args)
+    record = bench(args.model, device=args.device, pack=args.pack, compile=args.compile, compile_mode=args.compile_mode,
+                   amp=args.amp, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                   data_dir=args.data_dir, baseline=args.baseline, workers=args.workers, epochs=args.epochs,
+                   train_images=args.train_images, test_images=args.test_images, reference=args.reference,
+                   log=(lambda m: None) if args.json else (lambda m: print(m, flush=True)))  # fmt: skip
+    print(json.dumps(record, indent=2) if args.json else format_record(record))
+    return 0

@@ -347,18 +347,19 @@ def markdown(r: dict) -> str:
     )
 
 
-def run_and_report(data: Cifar10, args) -> int:
+def run_and_report(data: Cifar10, n: int, labels: str, seed: int, bias_position: float, store: str | None,
+                   as_json: bool) -> int:  # fmt: skip
     """The `rethink expressivity` command: run, print the report (or JSON), write it into the store if asked."""
     import json
     import sys
 
-    report = run_expressivity(data, args.n, args.labels, args.seed, args.bias_position)
-    if args.store:
+    report = run_expressivity(data, n, labels, seed, bias_position)
+    if store:
         from rethink.store import open_store
 
-        store = open_store(args.store)
+        store = open_store(store)
         store.write_text("reports/expressivity/expressivity.md", markdown(report))
         store.write_text("reports/expressivity/expressivity.json", json.dumps(report, indent=2) + "\n")
         print(f"wrote {store.where('reports/expressivity/')}expressivity.json and .md", file=sys.stderr)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(json.dumps(report, indent=2) if as_json else format_report(report))
     return 0

@@ -428,21 +428,21 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def run_and_report(data: Cifar10, args) -> int:
-    """The `rethink kernel` command: run every configuration, print the table (or JSON), update the store."""
+def run_and_report(data: Cifar10, store: str, as_json: bool, **config) -> int:
+    """The `rethink kernel` command: run every configuration (`config`: run_kernel's arguments after the data),
+    print the table (or JSON), update the store."""
     import json
     import sys
 
     from rethink.store import open_store
 
-    store = open_store(args.store)
+    store = open_store(store)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    rows = run_kernel(data, args.features, args.n_train, args.n_test, args.filters, args.l2, args.dtype,
-                      args.device, args.seed, log)  # fmt: skip
+    rows = run_kernel(data, log=log, **config)
     written = write_reports(store, rows)
     log("wrote " + ", ".join(written))
-    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    print(json.dumps(rows, indent=2) if as_json else format_rows(rows))
     return 0

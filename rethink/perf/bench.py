@@ -384,31 +384,6 @@ def format_record(r: dict) -> str:
     return "\n".join(lines)
 
 
-def run_cli(args) -> int:
-    """The `rethink bench` handler."""
-    record = bench(
-        args.model,
-        device=args.device,
-        pack=args.pack,
-        compile=args.compile,
-        compile_mode=args.compile_mode,
-        amp=args.amp,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        warmup=args.warmup,
-        data_dir=args.data_dir,
-        baseline=args.baseline,
-        workers=args.workers,
-        epochs=args.epochs,
-        train_images=args.train_images,
-        test_images=args.test_images,
-        reference=getattr(args, "reference", False),
-        log=(lambda m: None) if args.json else (lambda m: print(m, flush=True)),
-    )
-    print(json.dumps(record, indent=2) if args.json else format_record(record))
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------- summaries
 
 

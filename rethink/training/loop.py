@@ -1,6 +1,6 @@
-"""The pieces of a training loop that single runs and packs share: the step boundaries (progress bar, SIGTERM,
-the time budget, timed checkpoints), evaluation in float32, one SGD step, the per-epoch record, the stopping
-rule and the result record (its thresholds and provenance).
+"""The pieces the engine's epoch loop (trainer.train_members) is built from: the step boundaries (progress bar,
+SIGTERM, the time budget, timed checkpoints), evaluation in float32, one SGD step of a plain module, and the
+end of a run (its result record: thresholds and provenance).
 """
 
 from __future__ import annotations
