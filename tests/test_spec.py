@@ -63,11 +63,13 @@ def test_a_float32_run_keeps_the_id_it_had_before_precision_was_a_field():
     assert runs, "results/runs holds committed records"
     for path in runs:
         spec = RunSpec.from_json(path.read_text())
-        assert "precision" not in json.loads(path.read_text()) or spec.precision == "float32"
+        if "precision" not in json.loads(path.read_text()):  # written before the field: float32
+            assert spec.precision == "float32"
         assert spec.run_id == path.parent.name
-        twin = spec.replace(precision="bf16")
-        assert twin.run_id != spec.run_id and "bf16" in twin.label() and "bf16" not in spec.label()
+        twin = spec.replace(precision="bf16" if spec.precision == "float32" else "float32")
+        assert twin.run_id != spec.run_id and ("bf16" in twin.label()) != ("bf16" in spec.label())
         assert RunSpec.from_json(json.dumps(twin.to_dict())).run_id == twin.run_id
+    assert any(RunSpec.from_json(p.read_text()).precision == "bf16" for p in runs)  # a bf16 twin is committed
 
 
 def test_json_round_trip():
