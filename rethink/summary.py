@@ -9,8 +9,15 @@ import time
 from rethink.spec import RunSpec
 
 # Every result records the first step at which the epoch-end training accuracy reached each of these
-# (Figure 1b's time to overfit reads one of them; 99% by default, see experiments.kit.OVERFIT_THRESHOLD).
+# (Figure 1b's time to overfit reads one of them; 99% by default, OVERFIT_THRESHOLD).
 ACC_THRESHOLDS = (0.9, 0.95, 0.99, 1.0)
+
+# When a run counts as having fitted its training set, in every section (Figure 1b's time to overfit) [choice]:
+# the first epoch end with training accuracy >= 99%, a level every run of the paper's Table 1 reaches (AlexNet
+# and MLP 1x512 on random labels end at 99.82% and 99.34%). Every result records 90/95/99/100%
+# (ACC_THRESHOLDS); `--overfit-threshold` draws the report from another.
+OVERFIT_THRESHOLD = 0.99
+
 TIMING_FIELDS = ("epoch_seconds", "train_seconds", "eval_seconds", "images_per_second")
 
 

@@ -46,6 +46,7 @@ DEFAULT_NAMESPACE = "rethink"
 DEFAULT_STORE = "s3://rethink/runs"
 DEFAULT_SERVICE_ACCOUNT = "rethink-workflow"
 DEFAULT_S3_SECRET = "rethink-s3"
+DEFAULT_DEADLINE_HOURS = 72.0  # the whole workflow is stopped after this long (submit.py --deadline-hours)
 IMAGE_UID = 10001  # the Dockerfile's non-root user; pods run as it and own their /data volume through fsGroup
 DATA_DIR = "/data"  # an emptyDir in every pod, filled from the store's archive
 LABEL = "rethink"  # label prefix: rethink/suite, rethink/run-id, rethink/role
@@ -169,7 +170,7 @@ class Settings:
     image_pull_policy: str | None = None  # None: the profile's
     service_account: str = DEFAULT_SERVICE_ACCOUNT
     s3_secret: str = DEFAULT_S3_SECRET
-    deadline_hours: float = 72.0  # the whole workflow
+    deadline_hours: float = DEFAULT_DEADLINE_HOURS  # the whole workflow
     pod_deadline_hours: float = 12.0  # one attempt of one pod
     on_demand_after: int | None = None  # spot only: from this many failed attempts on, on-demand nodes
 

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pods train on the deterministic synthetic set instead of CIFAR-10 (no data download)",
     )
     p.add_argument(
-        "--deadline-hours", type=float, default=72.0, help="the workflow is stopped after this long"
+        "--deadline-hours", type=float, default=rw.DEFAULT_DEADLINE_HOURS, help="the workflow is stopped after this long"
     )
     _add_cluster_options(p)
     p.add_argument("--preflight-only", action="store_true",

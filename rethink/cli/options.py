@@ -66,14 +66,17 @@ def add_exec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-onednn", action="store_true",
                    help="on the CPU, run fully connected layers through PyTorch's default BLAS instead of oneDNN "
                         "(default: oneDNN unless --compile, ~2x faster on some CPUs; same function up to rounding)")  # fmt: skip
-    p.add_argument("--checkpoint-minutes", type=float, default=10.0,
+    from rethink.training.defaults import CHECKPOINT_MINUTES, LEASE_SECONDS
+
+    p.add_argument("--checkpoint-minutes", type=float, default=CHECKPOINT_MINUTES,
                    help="also checkpoint mid-epoch when this many minutes passed since the last checkpoint")  # fmt: skip
     p.add_argument("--keep-checkpoints", choices=("all", "last", "none"), default="last",
                    help="what a finished run keeps: both checkpoints, the last one, or none (its records only; frees "
                         "~19 MB per MLP run, more per Inception run)")  # fmt: skip
     p.add_argument("--lease-seconds", type=float, default=None,
                    help="a run's lease (one writer per run) expires this long after its trainer last renewed it "
-                        "(default: $RETHINK_LEASE_SECONDS, else 120); a successor waits that long for a lost one")  # fmt: skip
+                        f"(default: $RETHINK_LEASE_SECONDS, else {LEASE_SECONDS:g}); a successor waits that long for a "
+                        "lost one")  # fmt: skip
 
 
 def add_precision_option(p: argparse.ArgumentParser) -> None:
@@ -133,9 +136,11 @@ def fraction(text: str) -> float:
 
 
 def add_report_options(p: argparse.ArgumentParser) -> None:
+    from rethink.summary import OVERFIT_THRESHOLD
+
     p.add_argument("--overfit-threshold", type=fraction, default=None, metavar="ACC",
                    help="Figure 1b's time to overfit: the first epoch end with training accuracy >= ACC "
-                        "(default: 0.99, a level every run of the paper's Table 1 reaches)")  # fmt: skip
+                        f"(default: {OVERFIT_THRESHOLD}, a level every run of the paper's Table 1 reaches)")  # fmt: skip
 
 
 def parse_size(text: str) -> int:

@@ -15,6 +15,7 @@ import rethink
 from rethink.errors import UserError
 from rethink.revision import git_revision
 from rethink.training import cpu
+from rethink.training.defaults import CHECKPOINT_MINUTES, LEASE_SECONDS
 
 KEEP_CHECKPOINTS = ("all", "last", "none")
 
@@ -41,11 +42,11 @@ class ExecOptions:
     fast_layers: bool | None = None  # exact fast forms of layers (training/fast.py); default: on for the CPU
     compile: bool = False
     onednn: bool | None = None  # fully connected layers through oneDNN; default: on for the CPU unless compiled
-    checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch when an epoch runs longer than this
+    checkpoint_minutes: float = CHECKPOINT_MINUTES  # also checkpoint mid-epoch when an epoch runs longer than this
     progress: bool | None = None  # a progress bar; default: when stderr is a terminal
     eval_batch: int | None = None  # default: 4096 on CUDA; on the CPU 1000 for MLPs, 200 for convolutional models
     deadline: float | None = None  # clock() value at which to checkpoint and stop (rethink run --time-budget)
-    lease_seconds: float = field(default_factory=lambda: _seconds_from_env("RETHINK_LEASE_SECONDS", 120.0))
+    lease_seconds: float = field(default_factory=lambda: _seconds_from_env("RETHINK_LEASE_SECONDS", LEASE_SECONDS))
     lease_wait: float | None = None  # wait this long for another trainer's lease; default: lease_seconds + 30
     keep_checkpoints: str = "last"  # of a finished run: all (both), last (checkpoint.pt), none
     clock: object = field(default=time.monotonic)  # the deadline's clock (monotonic: one per machine)
