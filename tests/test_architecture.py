@@ -94,6 +94,23 @@ def test_layers_import_only_downward():
     assert not upward, "\n".join(upward)
 
 
+def _assert_acyclic(graph: dict[str, set[str]], what: str) -> None:
+    """Fail with the first cycle found in `graph` (depth first, in name order), as `what: a -> b -> a`."""
+    state: dict[str, int] = {}
+
+    def visit(n: str, trail: list[str]) -> None:
+        if state.get(n) == 2:
+            return
+        assert state.get(n) != 1, f"{what}: " + " -> ".join(trail + [n])
+        state[n] = 1
+        for m in sorted(graph.get(n, ())):
+            visit(m, trail + [n])
+        state[n] = 2
+
+    for n in sorted(graph):
+        visit(n, [])
+
+
 def test_no_import_cycle():
     modules = _modules()
     graph = {name: set() for name in modules}
@@ -102,19 +119,7 @@ def test_no_import_cycle():
             for target in _resolve(mod, names, modules):
                 if target in modules and target != name and not name.startswith(target + "."):
                     graph[name].add(target)
-    state: dict[str, int] = {}
-
-    def visit(n: str, trail: list[str]) -> None:
-        if state.get(n) == 2:
-            return
-        assert state.get(n) != 1, "import cycle: " + " -> ".join(trail + [n])
-        state[n] = 1
-        for m in sorted(graph[n]):
-            visit(m, trail + [n])
-        state[n] = 2
-
-    for n in sorted(graph):
-        visit(n, [])
+    _assert_acyclic(graph, "import cycle")
 
 
 def test_folders_import_downward_too():
@@ -131,19 +136,7 @@ def test_folders_import_downward_too():
             for target in _resolve(mod, names, modules):
                 if target in modules and unit(target) != unit(name) and target != "rethink":
                     graph.setdefault(unit(name), set()).add(unit(target))
-    state: dict[str, int] = {}
-
-    def visit(n: str, trail: list[str]) -> None:
-        if state.get(n) == 2:
-            return
-        assert state.get(n) != 1, "a cycle between folders: " + " -> ".join(trail + [n])
-        state[n] = 1
-        for m in sorted(graph.get(n, ())):
-            visit(m, trail + [n])
-        state[n] = 2
-
-    for n in sorted(graph):
-        visit(n, [])
+    _assert_acyclic(graph, "a cycle between folders")
 
 
 def test_no_private_name_is_imported_from_another_module():
