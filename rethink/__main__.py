@@ -1,3 +1,3 @@
-from rethink.cli import main
+from rethink.cli import process_main
 
-raise SystemExit(main())
+raise SystemExit(process_main())

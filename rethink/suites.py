@@ -12,9 +12,8 @@ from dataclasses import dataclass, replace
 
 from rethink.errors import UserError
 from rethink.experiments import fig2b, periodic, quickstart, randomization, regularizers, table1
-from rethink.experiments.base import SMOKE, WEIGHT_DECAY, Component, Options
+from rethink.experiments.base import SMOKE, WEIGHT_DECAY, Component, Options, Selection, select
 from rethink.experiments.estimates import estimate_seconds
-from rethink.paper import MODELS
 from rethink.spec import RunSpec
 
 __all__ = ["COMPONENTS", "SUITES", "WEIGHT_DECAY", "Options", "Selection", "Suite", "components", "estimate_seconds",
@@ -98,44 +97,3 @@ def expand(name: str, o: Options | None = None) -> list[RunSpec]:
             else:
                 merged[spec.run_id] = spec
     return list(merged.values())
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Part of a suite: only runs of these models, label modes and pixel modes (None: all). Run ids do not change:
-    a selected run is the same run as in the whole suite."""
-
-    models: tuple[str, ...] | None = None
-    labels: tuple[str, ...] | None = None  # true, random, partial (any p) or partial:P
-    pixels: tuple[str, ...] | None = None
-
-    def __post_init__(self):
-        from rethink.spec import PIXEL_MODES
-
-        for name, allowed in (("models", MODELS), ("pixels", PIXEL_MODES)):
-            bad = [v for v in getattr(self, name) or () if v not in allowed]
-            if bad:
-                raise UserError(f"--only-{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
-        for v in self.labels or ():
-            if v not in ("true", "random", "partial") and not v.startswith("partial:"):
-                raise UserError(f"--only-labels: unknown {v!r}; use true, random, partial or partial:P")
-
-    @property
-    def everything(self) -> bool:
-        return self.models is None and self.labels is None and self.pixels is None
-
-    def __contains__(self, spec: RunSpec) -> bool:
-        labels_ok = self.labels is None or spec.labels in self.labels or (
-            "partial" in self.labels and spec.labels.startswith("partial:"))  # fmt: skip
-        return ((self.models is None or spec.model in self.models) and labels_ok
-                and (self.pixels is None or spec.pixels in self.pixels))  # fmt: skip
-
-    def describe(self) -> str:
-        parts = [f"--only-{k} {','.join(v)}" for k, v in (("models", self.models), ("labels", self.labels),
-                                                        ("pixels", self.pixels)) if v is not None]  # fmt: skip
-        return " ".join(parts) or "everything"
-
-
-def select(specs: list[RunSpec], selection: Selection | None) -> list[RunSpec]:
-    """The specs in `selection`, in their order."""
-    return specs if selection is None or selection.everything else [s for s in specs if s in selection]

@@ -233,3 +233,29 @@ def test_building_the_command_line_imports_no_heavy_library():
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'matplotlib', 'pandas'})))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert json.loads(out.stdout) == []
+
+
+def test_a_run_is_described_before_torch_is_imported():
+    """`rethink train` turns its arguments into values (data, execution options, suite, spec) and names the run
+    before importing torch, which it then imports while the data set is read: none of those values may import
+    torch or the plotting libraries (ExecOptions once imported torch, and the suite's catalogue matplotlib and
+    pandas: 2.7 s on the critical path of every run's start)."""
+    code = ("import json, sys; from rethink.cli import build_parser; "
+            "from rethink.cli.options import data_of, exec_options, spec_of, suite_of; "
+            "a = build_parser().parse_args(['train', '--model', 'mlp-1x512', '--synthetic', '--data-dir', 'd']); "
+            "d = data_of(a); exec_options(a); suite_of(a, d); spec_of(a, d).run_id; "
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'matplotlib', 'pandas'})))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert json.loads(out.stdout) == []
+
+
+def test_every_process_entry_point_runs_the_same_function():
+    """The `rethink` script and `python -m rethink` both run cli.process_main (main, then the quick exit)."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["rethink"] == "rethink.cli:process_main"
+    assert "process_main()" in (ROOT / "rethink" / "__main__.py").read_text()
+    out = subprocess.run([sys.executable, "-m", "rethink", "train", "--model", "no-such-model"], capture_output=True,
+                         text=True, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 2 and "no-such-model" in out.stderr

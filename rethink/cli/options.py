@@ -243,7 +243,8 @@ class SuiteRequest:
 
 
 def suite_of(args, data: Data) -> SuiteRequest:
-    from rethink.suites import Options, Selection
+    # experiments.base, not rethink.suites: starting a run needs no catalogue (and its plotting libraries)
+    from rethink.experiments.base import Options, Selection
 
     def values(name):
         text = getattr(args, name, None)

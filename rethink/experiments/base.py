@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from rethink.errors import UserError
+from rethink.paper import MODELS
 from rethink.spec import EPOCH_CAP, RunSpec
 
 # Weight decay, when a run has it on [choice: the paper does not state the coefficient; docs/protocol.md].
@@ -57,3 +59,44 @@ class Component:
     name: str
     runs: Callable[[Options], list[RunSpec]]
     render: Callable | None = None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Part of a suite: only runs of these models, label modes and pixel modes (None: all). Run ids do not change:
+    a selected run is the same run as in the whole suite."""
+
+    models: tuple[str, ...] | None = None
+    labels: tuple[str, ...] | None = None  # true, random, partial (any p) or partial:P
+    pixels: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        from rethink.spec import PIXEL_MODES
+
+        for name, allowed in (("models", MODELS), ("pixels", PIXEL_MODES)):
+            bad = [v for v in getattr(self, name) or () if v not in allowed]
+            if bad:
+                raise UserError(f"--only-{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+        for v in self.labels or ():
+            if v not in ("true", "random", "partial") and not v.startswith("partial:"):
+                raise UserError(f"--only-labels: unknown {v!r}; use true, random, partial or partial:P")
+
+    @property
+    def everything(self) -> bool:
+        return self.models is None and self.labels is None and self.pixels is None
+
+    def __contains__(self, spec: RunSpec) -> bool:
+        labels_ok = self.labels is None or spec.labels in self.labels or (
+            "partial" in self.labels and spec.labels.startswith("partial:"))  # fmt: skip
+        return ((self.models is None or spec.model in self.models) and labels_ok
+                and (self.pixels is None or spec.pixels in self.pixels))  # fmt: skip
+
+    def describe(self) -> str:
+        parts = [f"--only-{k} {','.join(v)}" for k, v in (("models", self.models), ("labels", self.labels),
+                                                        ("pixels", self.pixels)) if v is not None]  # fmt: skip
+        return " ".join(parts) or "everything"
+
+
+def select(specs: list[RunSpec], selection: Selection | None) -> list[RunSpec]:
+    """The specs in `selection`, in their order."""
+    return specs if selection is None or selection.everything else [s for s in specs if s in selection]

@@ -1,5 +1,8 @@
 """How a run is executed (not what: that is the spec): the device, precision and speed options, each default
-decided once (`ExecOptions.resolve`), and the environment every result records."""
+decided once (`ExecOptions.resolve`), and the environment every result records.
+
+Torch is imported when the options are resolved, not when they are built: `rethink train` builds them before it
+starts reading the data set, and imports torch while the data is read (cli.commands._data_and)."""
 
 from __future__ import annotations
 
@@ -8,14 +11,15 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import rethink
 from rethink.errors import UserError
 from rethink.revision import git_revision
-from rethink.training import cpu
 from rethink.training.defaults import CHECKPOINT_MINUTES, LEASE_SECONDS
+
+if TYPE_CHECKING:
+    import torch
 
 KEEP_CHECKPOINTS = ("all", "last", "none")
 
@@ -60,6 +64,8 @@ class ExecOptions:
         """These options on their device for `model` (None: any), every default decided; `amp` is the runs'
         own (RunSpec.precision: what a run computes in is part of the run, not of how it is executed)."""
         import sys
+
+        from rethink.training import cpu
 
         device = resolve_device(self.device)
         cuda = device.type == "cuda"
@@ -109,6 +115,8 @@ class Execution:
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -130,6 +138,8 @@ def cpu_name() -> str:
 
 def environment(device: torch.device) -> dict:
     """The machine and software: device, torch, Python, package version, code revision, threads."""
+    import torch
+
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
@@ -143,6 +153,10 @@ def environment(device: torch.device) -> dict:
 
 def prepare_device(device: torch.device) -> None:
     """Process-wide settings for computing on `device`: TF32 on CUDA, a warm heap on the CPU."""
+    import torch
+
+    from rethink.training import cpu
+
     if device.type == "cuda":
         # TF32 keeps float32's range with a 10-bit mantissa in matrix units: the "float32" of this project's
         # GPU runs (docs/protocol.md). bf16 autocast is an explicit option on top.
