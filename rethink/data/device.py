@@ -70,7 +70,11 @@ def epoch_order(seed: int, epoch: int, n: int, crop: bool, device: torch.device)
 
 def batch_inputs(dd: DeviceData, idx: torch.Tensor, offsets: torch.Tensor | None, channels_last: bool):
     """The preprocessed inputs and labels of the training images `idx` (random crops when offsets are given)."""
-    x = preprocess(dd.train_raw[idx], offsets[idx]) if offsets is not None else dd.train_pre[idx]
+    # index_select, not x[idx]: the same rows, gathered ~2x faster on the CPU (2 ms of an MLP step's 8)
+    if offsets is not None:
+        x = preprocess(dd.train_raw.index_select(0, idx), offsets.index_select(0, idx))
+    else:
+        x = dd.train_pre.index_select(0, idx)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, dd.train_y[idx]
+    return x, dd.train_y.index_select(0, idx)
