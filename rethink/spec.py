@@ -142,9 +142,10 @@ class RunSpec:
             d.pop("precision")
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
-        """A short hash of the canonical JSON: the same spec has the same id in every process."""
+        """A short hash of the canonical JSON: the same spec has the same id in every process. Computed once per
+        spec (the spec is frozen): the engine looks runs up by id at every step."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
 
     @property

@@ -62,6 +62,10 @@ def test_copy(store):
     store.copy("runs/a/checkpoint.pt", "runs/a/checkpoint.prev.pt")
     store.write_bytes("runs/a/checkpoint.pt", b"two")
     assert store.read_bytes("runs/a/checkpoint.prev.pt") == b"one"
+    store.copy("runs/a/checkpoint.pt", "runs/a/checkpoint.prev.pt")  # over an older copy
+    store.write_bytes("runs/a/checkpoint.pt", b"three")
+    assert store.read_bytes("runs/a/checkpoint.prev.pt") == b"two"
+    assert store.list("runs/a") == ["runs/a/checkpoint.prev.pt", "runs/a/checkpoint.pt"]
     store.copy("runs/a/missing.pt", "runs/a/other.pt")  # nothing to copy: nothing happens
     assert not store.exists("runs/a/other.pt")
 
