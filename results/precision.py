@@ -69,7 +69,8 @@ def draw(name: str, a: tuple, b: tuple, out: Path) -> None:
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "svg"):
-        fig.savefig(out / f"{name}.{ext}", dpi=110, metadata={"Date": None} if ext == "svg" else None)
+        with plt.rc_context({"svg.hashsalt": name}):  # fixed element ids: the same records give the same bytes
+            fig.savefig(out / f"{name}.{ext}", dpi=110, metadata={"Date": None} if ext == "svg" else None)
     plt.close(fig)
 
 
