@@ -121,7 +121,8 @@ class LocalStore(Store):
     def usage(self, prefix=""):
         base = self._path(prefix) if prefix else self.root
         files = [p for p in base.rglob("*") if p.is_file()] if base.is_dir() else []
-        return len(files), sum(p.stat().st_size for p in files)
+        stats = {(st.st_dev, st.st_ino): st.st_size for st in (p.stat() for p in files)}  # a hard link counts once
+        return len(files), sum(stats.values())
 
     def sweep_temporaries(self, prefix):
         base = self._path(prefix)

@@ -66,6 +66,9 @@ def test_copy(store):
     store.write_bytes("runs/a/checkpoint.pt", b"three")
     assert store.read_bytes("runs/a/checkpoint.prev.pt") == b"two"
     assert store.list("runs/a") == ["runs/a/checkpoint.prev.pt", "runs/a/checkpoint.pt"]
+    assert store.usage("runs/a") == (2, len(b"two") + len(b"three"))
+    store.copy("runs/a/checkpoint.pt", "runs/a/checkpoint.prev.pt")  # the same bytes twice: stored once locally
+    assert store.usage("runs/a") == (2, 5 if isinstance(store, LocalStore) else 10)
     store.copy("runs/a/missing.pt", "runs/a/other.pt")  # nothing to copy: nothing happens
     assert not store.exists("runs/a/other.pt")
 
