@@ -159,16 +159,20 @@ def train_batch(pd: PackData, perm: torch.Tensor, offsets: torch.Tensor | None, 
     idx = perm[:, b * bs : (b + 1) * bs]
     rows = idx + pd.train_base_t[:, None]
     y = pd.train_y.gather(1, idx)
+
+    def gather(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:  # t[r], by index_select: ~2x faster on the CPU
+        return t.index_select(0, r.reshape(-1)).view(*r.shape, *t.shape[1:])
+
     if offsets is None or not any(pd.crop):
-        return pd.train_pre[rows], y
+        return gather(pd.train_pre, rows), y
     if all(pd.crop):
         off = offsets.gather(1, idx[:, :, None].expand(-1, -1, 2))
-        x = preprocess(pd.train_raw[rows].flatten(0, 1), off.flatten(0, 1))
+        x = preprocess(gather(pd.train_raw, rows).flatten(0, 1), off.flatten(0, 1))
         return x.view(*idx.shape, *x.shape[1:]), y
-    x = pd.train_pre[rows]
+    x = gather(pd.train_pre, rows)
     k = pd.crop_idx
     off = offsets[k].gather(1, idx[k, :, None].expand(-1, -1, 2))
-    cropped = preprocess(pd.train_raw[rows[k]].flatten(0, 1), off.flatten(0, 1))
+    cropped = preprocess(gather(pd.train_raw, rows[k]).flatten(0, 1), off.flatten(0, 1))
     x[k] = cropped.view(len(pd.crop_idx), idx.shape[1], *cropped.shape[1:])
     return x, y
 
