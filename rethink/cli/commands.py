@@ -4,6 +4,7 @@ data, the suite, the run, the execution options), and hands only those down."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib
 import json
 import sys
@@ -76,7 +77,8 @@ def cmd_train(args) -> int:
         print(f"run {spec.run_id} is already finished: {store.where(run_key(spec.run_id, 'result.json'))}")
         return 0
     with recording_failures(store, [spec]):
-        loaded, train_run = _data_and(data, "rethink.training.trainer", "train_run")
+        crops = spec.pixels == "none" and may_be_cpu(opts.device)
+        loaded, train_run = _data_and(data, "rethink.training.trainer", "train_run", central_crops=crops)
         train_run(spec, store, loaded, opts)
     return 0
 
@@ -101,10 +103,17 @@ def recording_failures(store, specs):
         raise
 
 
-def _data_and(data: Data, module: str, name: str):
-    """The data set, read (torch-free) in a thread while `module` imports torch, and `module.name`."""
+def may_be_cpu(device: str) -> bool:
+    """Whether --device may resolve to the CPU, told without importing torch ("auto": unless an NVIDIA device
+    node exists). Only a speed choice hangs on it (which preprocessing the data thread does), never a number."""
+    return device == "cpu" or (device == "auto" and not glob.glob("/dev/nvidia[0-9]*"))
+
+
+def _data_and(data: Data, module: str, name: str, central_crops: bool = False):
+    """The data set, read (torch-free) in a thread while `module` imports torch, and `module.name`;
+    `central_crops`: the thread also makes the float32 crops a CPU run preprocesses from (cifar.CentralCrops)."""
     with ThreadPoolExecutor(1) as reader:
-        data = reader.submit(data.load)
+        data = reader.submit(data.load, central_crops)
         function = getattr(importlib.import_module(module), name)
         return data.result(), function
 

@@ -206,12 +206,13 @@ class Data:
             write_synthetic(path, *DEFAULT_SIZE, seed=0)
         return path
 
-    def load(self):
+    def load(self, central_crops: bool = False):
+        """The data set (cifar.Cifar10); `central_crops`: with the float32 crops one CPU run preprocesses from."""
         from rethink.data.cifar import load_cifar10
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            data = load_cifar10(self.directory(), verify=self.verify)
+            data = load_cifar10(self.directory(), verify=self.verify, central_crops=central_crops)
         if not self.verify and not data.synthetic:
             print(f"warning: md5 checksums of {data.path} not verified (--no-verify-data)", file=sys.stderr)
         return data

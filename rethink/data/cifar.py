@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from rethink.errors import UserError
-from rethink.paper import IMAGE
+from rethink.paper import BORDER, CROP, IMAGE
 
 DIRNAME = "cifar-10-batches-py"
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -45,6 +45,28 @@ SYNTHETIC_KEY = b"rethink_synthetic"
 URL_ENV = "RETHINK_CIFAR10_URL"  # a mirror of the official archive, e.g. inside an air-gapped network
 
 
+class CentralCrops:
+    """The central 28x28 windows of a data set's images as contiguous float32 on the 0..255 scale (exact: the
+    uint8 values), made by `load_cifar10(..., central_crops=True)` in the thread that reads the files, while the
+    main thread imports torch (numpy's casts release the GIL). Allocating and filling those 564 MB is most of
+    what preprocessing costs on the CPU, and off the critical path here. The one run they were made for takes
+    them (`take`), standardizes them in place and trains on them; nobody else sees them."""
+
+    def __init__(self, train_x: np.ndarray, test_x: np.ndarray):
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = (central_crop_float(train_x), central_crop_float(test_x))
+
+    def take(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(train, test) crops the first time, None after: the caller owns them and may change them in place."""
+        arrays, self._arrays = self._arrays, None
+        return arrays
+
+
+def central_crop_float(x: np.ndarray) -> np.ndarray:
+    """[N, 3, 32, 32] uint8 images -> their central 28x28 windows, contiguous float32 (values 0..255)."""
+    window = slice(BORDER, BORDER + CROP)
+    return np.ascontiguousarray(x[:, :, window, window], dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class Cifar10:
     """CIFAR-10 (or a synthetic look-alike) as host arrays: images uint8 [N, 3, 32, 32], labels int64 [N]."""
@@ -57,6 +79,7 @@ class Cifar10:
     identity: str  # "cifar10", or "synthetic-..." naming the generator's parameters
     path: str
     digests: _Digests | None = field(default=None, repr=False, compare=False)  # md5s of the files as read
+    crops: CentralCrops | None = field(default=None, repr=False, compare=False)  # load_cifar10(central_crops=True)
 
     @property
     def file_md5(self) -> dict:
@@ -229,8 +252,11 @@ def download_archive(data_dir: Path) -> None:
         ) from None
 
 
-def load_cifar10(data_dir: str | os.PathLike, verify: bool = True, download: bool = True) -> Cifar10:
-    """Read CIFAR-10 (or a synthetic set) from `<data_dir>/cifar-10-batches-py/`, verifying md5s by default."""
+def load_cifar10(data_dir: str | os.PathLike, verify: bool = True, download: bool = True,
+                 central_crops: bool = False) -> Cifar10:  # fmt: skip
+    """Read CIFAR-10 (or a synthetic set) from `<data_dir>/cifar-10-batches-py/`, verifying md5s by default.
+
+    `central_crops`: also make the float32 central crops one CPU run preprocesses from (CentralCrops)."""
     data_dir = Path(data_dir)
     root = data_dir / DIRNAME
     if not root.is_dir():
@@ -259,8 +285,9 @@ def load_cifar10(data_dir: str | os.PathLike, verify: bool = True, download: boo
                     )
     train = [_batch_arrays(root / name, blobs.pop(name)) for name in TRAIN_FILES]
     test_x, test_y = _batch_arrays(root / TEST_FILE, blobs.pop(TEST_FILE))
+    train_x = np.concatenate([x for x, _ in train])
     return Cifar10(
-        train_x=np.concatenate([x for x, _ in train]),
+        train_x=train_x,
         train_y=np.concatenate([y for _, y in train]),
         test_x=test_x,
         test_y=test_y,
@@ -268,6 +295,7 @@ def load_cifar10(data_dir: str | os.PathLike, verify: bool = True, download: boo
         identity=_synthetic_identity(meta) if synthetic else "cifar10",
         path=str(root),
         digests=digests,
+        crops=CentralCrops(train_x, test_x) if central_crops else None,
     )
 
 

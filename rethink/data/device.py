@@ -14,7 +14,7 @@ import torch
 
 from rethink.data.cifar import Cifar10
 from rethink.data.corruptions import apply_pixels, corrupt_labels
-from rethink.data.preprocess import preprocess, preprocess_all, random_offsets
+from rethink.data.preprocess import preprocess, preprocess_all, random_offsets, standardize_crops_
 from rethink.errors import UserError
 from rethink.spec import RunSpec
 
@@ -35,7 +35,10 @@ class DeviceData:
 
 
 def prepare_data(spec: RunSpec, data: Cifar10, device: torch.device) -> DeviceData:
-    """Subset, corrupt (pure functions of the spec's data seed), move to the device and preprocess there."""
+    """Subset, corrupt (pure functions of the spec's data seed), move to the device and preprocess there.
+
+    On the CPU, images left as they are (pixels "none") are preprocessed from `data.crops` when the loader made
+    them (cifar.CentralCrops): the same numbers, without allocating and filling the crops here."""
     if data.identity != spec.dataset:
         raise UserError(
             f"the spec wants data set {spec.dataset!r} but {data.path} holds {data.identity!r}; "
@@ -46,11 +49,18 @@ def prepare_data(spec: RunSpec, data: Cifar10, device: torch.device) -> DeviceDa
     train_y = corrupt_labels(train_y, spec.label_noise, spec.data_seed)
     train_x, test_x = apply_pixels(spec.pixels, train_x, test_x, spec.data_seed)
     train_raw = torch.from_numpy(np.ascontiguousarray(train_x)).to(device)
+    crops = data.crops.take() if data.crops is not None else None  # taken in any case: they are one run's
+    if crops is not None and spec.pixels == "none" and device.type == "cpu":
+        train_pre = standardize_crops_(torch.from_numpy(crops[0][: spec.train_subset]))
+        test_pre = standardize_crops_(torch.from_numpy(crops[1][: spec.test_subset]))
+    else:
+        train_pre = preprocess_all(train_raw)
+        test_pre = preprocess_all(torch.from_numpy(np.ascontiguousarray(test_x)).to(device))
     return DeviceData(
-        train_pre=preprocess_all(train_raw),
+        train_pre=train_pre,
         train_raw=train_raw if spec.random_crop else None,
         train_y=torch.from_numpy(train_y).to(device),
-        test_pre=preprocess_all(torch.from_numpy(np.ascontiguousarray(test_x)).to(device)),
+        test_pre=test_pre,
         test_y=torch.from_numpy(np.asarray(test_y, dtype=np.int64)).to(device),
     )
 

@@ -372,3 +372,39 @@ def test_only_flags_select_part_of_a_suite_and_labels_keeps_one_meaning(capsys):
     with pytest.raises(SystemExit) as e:  # not an option of plan: a run's labels are set on rethink train
         plan("--labels", "random")
     assert e.value.code == 2 and "unrecognized arguments: --labels" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the CPU's crops
+
+
+def test_may_be_cpu_is_told_from_the_device_nodes(monkeypatch):
+    from rethink.cli import commands
+
+    assert commands.may_be_cpu("cpu") and not commands.may_be_cpu("cuda") and not commands.may_be_cpu("cuda:1")
+    monkeypatch.setattr(commands.glob, "glob", lambda pattern: [])
+    assert commands.may_be_cpu("auto")
+    monkeypatch.setattr(commands.glob, "glob", lambda pattern: ["/dev/nvidia0"])
+    assert not commands.may_be_cpu("auto")
+
+
+@pytest.mark.parametrize("pixels", ["none", "shuffled"])
+def test_cpu_train_with_the_loaders_crops_learns_the_same_numbers(synth_dir, tmp_path, monkeypatch, pixels):
+    """rethink train on the CPU has the loader make the float32 crops (pixels "none" only); the run's metrics
+    are the same bit for bit as when it preprocesses for itself."""
+    from rethink.cli import commands
+    from rethink.data import cifar
+
+    asked = []
+    load = cifar.load_cifar10
+    monkeypatch.setattr(cifar, "load_cifar10", lambda *a, **k: asked.append(k["central_crops"]) or load(*a, **k))
+    args = ["--pixels", pixels, "--no-verify-data", "--epochs", "2"]
+    assert main(_train_args(synth_dir, tmp_path / "crops", *args)) == 0
+    monkeypatch.setattr(commands, "may_be_cpu", lambda device: False)
+    assert main(_train_args(synth_dir, tmp_path / "plain", *args)) == 0
+    assert asked == [pixels == "none", False]
+
+    def metrics(store):
+        rows = [json.loads(line) for line in next(store.rglob("metrics.jsonl")).read_text().splitlines()]
+        return [{k: v for k, v in row.items() if "second" not in k} for row in rows]
+
+    assert metrics(tmp_path / "crops") == metrics(tmp_path / "plain") and len(metrics(tmp_path / "crops")) == 2

@@ -336,3 +336,27 @@ def test_centre_offsets_give_the_central_crop_and_preprocess_uses_offsets():
     out = preprocess(x, offsets).numpy()
     for i, (r, c) in enumerate(offsets.tolist()):
         np.testing.assert_allclose(out[i], _reference(images[i : i + 1], r, c)[0], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- central crops made by the loader
+
+
+def test_loader_central_crops_are_the_float_windows_and_are_taken_once(synth_dir):
+    data = load_cifar10(synth_dir, central_crops=True)
+    assert load_cifar10(synth_dir).crops is None  # only when asked
+    train, test = data.crops.take()
+    assert train.dtype == np.float32 and train.flags.c_contiguous and train.shape == (100, 3, 28, 28)
+    np.testing.assert_array_equal(train, data.train_x[:, :, 2:30, 2:30].astype(np.float32))
+    np.testing.assert_array_equal(test, data.test_x[:, :, 2:30, 2:30].astype(np.float32))
+    assert data.crops.take() is None  # one run's: a second taker preprocesses for itself
+
+
+def test_standardize_crops_is_preprocess_all_bit_for_bit():
+    from rethink.data.cifar import central_crop_float
+    from rethink.data.preprocess import standardize_crops_
+
+    x = np.random.default_rng(5).integers(0, 256, size=(11, 3, 32, 32), dtype=np.uint8)
+    x[3] = 17  # a constant image: the guard of the standardization
+    out = standardize_crops_(torch.from_numpy(central_crop_float(x)), batch=4)
+    assert torch.equal(out, preprocess_all(torch.from_numpy(x), batch=4))
+    assert torch.equal(out, preprocess_all(torch.from_numpy(x)))  # chunking changes no bit either

@@ -250,3 +250,19 @@ def test_prepare_data_refuses_the_wrong_data_set(tiny_set):
     data = load_cifar10(tiny_set, download=False)
     with pytest.raises(UserError, match=f"spec wants data set 'cifar10' .* holds '{data.identity}'"):
         prepare_data(RunSpec(model="mlp-1x512"), data, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("pixels", "subsets"), [("none", (None, None)), ("none", (37, 9)), ("shuffled", (None, None))]
+)
+def test_prepare_data_from_the_loaders_crops_is_the_same_data(tiny_set, pixels, subsets):
+    """A CPU run whose loader made the float32 crops (rethink train does) trains on exactly the same tensors."""
+    spec = RunSpec(model="mlp-1x512", pixels=pixels, random_crop=True, dataset=load_cifar10(tiny_set).identity,
+                   train_subset=subsets[0], test_subset=subsets[1], seed=1)  # fmt: skip
+    plain = prepare_data(spec, load_cifar10(tiny_set), torch.device("cpu"))
+    with_crops = load_cifar10(tiny_set, central_crops=True)
+    fast = prepare_data(spec, with_crops, torch.device("cpu"))
+    assert with_crops.crops.take() is None  # taken by the run, used or not
+    for name in ("train_pre", "train_raw", "train_y", "test_pre", "test_y"):
+        assert torch.equal(getattr(fast, name), getattr(plain, name)), name
+    assert fast.train_pre.shape[0] == (subsets[0] or 100) and fast.test_pre.shape[0] == (subsets[1] or 20)
