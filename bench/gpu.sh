@@ -18,9 +18,17 @@ mkdir -p "$OUTDIR"
 rm -f "$OUTDIR/bench.jsonl"
 if [[ -f .venv/bin/activate ]]; then . .venv/bin/activate; fi
 RECORDS="$(mktemp -d)"
-trap 'rm -rf "$RECORDS"' EXIT
 : >"$OUTDIR/log.txt"
 START=$(date +%s)
+
+finish() {  # also on a timeout's signal: the records measured so far reach bench.jsonl and summary.txt
+  python -m rethink.perf.bench collect "$RECORDS" "$OUTDIR/bench.jsonl" >>"$OUTDIR/log.txt"
+  python -m rethink.perf.bench summarize "$OUTDIR/bench.jsonl" | tee "$OUTDIR/summary.txt"
+  echo "done in $(elapsed)s; results in $OUTDIR"
+  rm -rf "$RECORDS"
+}
+trap finish EXIT
+trap 'echo "stopped by a signal after $(elapsed)s" | tee -a "$OUTDIR/log.txt"; exit 143' TERM INT
 
 if [[ "$DEVICE" == cpu ]]; then
   PRECISION=(1 256)  # epochs, training images of the bf16-vs-fp32 check
@@ -104,7 +112,3 @@ if [[ "$DEVICE" != cpu ]]; then
   bench nobn-fp32-compile --model inception-nobn --compile "${STEPS[@]}"
 fi
 bench mlp3-fp32-compile --model mlp-3x512 --compile "${STEPS[@]}"
-
-python -m rethink.perf.bench collect "$RECORDS" "$OUTDIR/bench.jsonl" >>"$OUTDIR/log.txt"
-python -m rethink.perf.bench summarize "$OUTDIR/bench.jsonl" | tee "$OUTDIR/summary.txt"
-echo "done in $(elapsed)s; results in $OUTDIR"
