@@ -72,6 +72,10 @@ fi
 # 1. The targets first, in the precision runs use (float32, TF32 matrix units): Inception (s/epoch, x baseline),
 # AlexNet (s/epoch), packed MLP (run-epochs/s).
 bench inception-fp32-compile --model inception "${COMPILE[@]}" "${STEPS[@]}" "${EPOCHS[@]}" --baseline
+if [[ "$DEVICE" != cpu ]]; then
+  # The first H200 run (docs/performance.md) found the steps bound by launches: the trainer's epoch with CUDA graphs.
+  bench inception-cudagraphs-epochs --model inception --compile --compile-mode reduce-overhead "${STEPS[@]}" "${EPOCHS[@]}"
+fi
 bench alexnet-fp32-compile --model alexnet "${COMPILE[@]}" "${STEPS[@]}" "${EPOCHS[@]}"
 bench mlp1-pack$BIG_PACK --model mlp-1x512 --pack "$BIG_PACK" "${STEPS[@]}" "${EPOCHS[@]}"
 bench mlp1-pack8 --model mlp-1x512 --pack 8 "${STEPS[@]}"

@@ -22,6 +22,7 @@ from rethink.cli.options import (
 )
 from rethink.paper import MODELS
 from rethink.spec import PIXEL_MODES
+from rethink.training.defaults import COMPILE_MODES
 
 
 def build_parser() -> Parser:
@@ -223,7 +224,7 @@ def _bench(sub) -> None:
     p.add_argument("--pack", type=int, default=1, help="runs trained together as one batched model")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs); default: torch's default")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the training steps (default: float32)")
     p.add_argument("--batch-size", type=int, default=128, help="minibatch size")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import rethink
 from rethink.errors import UserError
 from rethink.revision import git_revision
-from rethink.training.defaults import CHECKPOINT_MINUTES, LEASE_SECONDS
+from rethink.training.defaults import CHECKPOINT_MINUTES, COMPILE_MODES, LEASE_SECONDS
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +45,7 @@ class ExecOptions:
     channels_last: bool | None = None  # default: on for convolutional models (faster on CUDA and on the CPU)
     fast_layers: bool | None = None  # exact fast forms of layers (training/fast.py); default: on for the CPU
     compile: bool = False
+    compile_mode: str | None = None  # torch.compile's mode, with compile (reduce-overhead: CUDA graphs); None: torch's
     onednn: bool | None = None  # fully connected layers through oneDNN; default: on for the CPU unless compiled
     checkpoint_minutes: float = CHECKPOINT_MINUTES  # also checkpoint mid-epoch when an epoch runs longer than this
     progress: bool | None = None  # a progress bar; default: when stderr is a terminal
@@ -57,6 +58,10 @@ class ExecOptions:
     log: object = field(default=print)
 
     def __post_init__(self):
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise UserError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.compile_mode is not None and not self.compile:
+            raise UserError("--compile-mode needs --compile")
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:
             raise UserError(f"keep_checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}, got {self.keep_checkpoints!r}")
 
@@ -82,6 +87,7 @@ class ExecOptions:
             onednn=device.type == "cpu" and (self.onednn if self.onednn is not None else not self.compile)
             and cpu.available(),
             compile=self.compile,
+            compile_mode=self.compile_mode if self.compile else None,
             eval_batch=self.eval_batch or (4096 if cuda else cpu_eval),
             progress=self.progress if self.progress is not None else sys.stderr.isatty(),
         )
@@ -99,6 +105,7 @@ class Execution:
     compile: bool
     eval_batch: int
     progress: bool
+    compile_mode: str | None = None  # with compile; None: torch's default mode
 
     @property
     def precision(self) -> str:
@@ -111,7 +118,8 @@ class Execution:
         """What a result records of where and how it was computed."""
         return {**environment(self.device), "amp": self.amp, "precision": self.precision,
                 "channels_last": self.channels_last, "fast_layers": self.fast_layers, "compile": self.compile,
-                "onednn_linear": self.onednn}  # fmt: skip
+                "onednn_linear": self.onednn,
+                **({"compile_mode": self.compile_mode} if self.compile_mode else {})}  # fmt: skip
 
 
 def resolve_device(name: str) -> torch.device:

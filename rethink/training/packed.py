@@ -309,7 +309,7 @@ class PackStep:
         self.device, self.n_train, self.n_test = ex.device, pd.n, pd.m
         momentum = [r.optimizer.state_dict()["momentum_buffers"] for r in runs]
         self.pm = PackedModel(spec0.model, spec0.dropout, [r.model.state_dict() for r in runs], ex.device,
-                              momentum if all(momentum) else None, compile=ex.compile, compile_mode=compile_mode,
+                              momentum if all(momentum) else None, compile=ex.compile, compile_mode=compile_mode or ex.compile_mode,
                               track_norms=spec0.track_norms)  # fmt: skip
         self._weight_decay()
         self.perm = self.offsets = None

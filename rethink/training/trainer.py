@@ -174,7 +174,7 @@ class SingleStep:
         self.spec, self.model, self.opt, self.dd, self.ex = run.spec, run.model, run.optimizer, dd, ex
         self.device, self.n_train, self.n_test = ex.device, dd.n_train, dd.test_y.shape[0]
         self.tracked = scale_invariant_weights(self.model) if run.spec.track_norms else []
-        self.net = torch.compile(self.model, mode=compile_mode) if ex.compile else self.model
+        self.net = torch.compile(self.model, mode=compile_mode or ex.compile_mode) if ex.compile else self.model
         self.perm = self.offsets = None
 
     def begin_epoch(self, epoch: int) -> None:

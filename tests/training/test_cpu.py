@@ -56,3 +56,30 @@ def test_compiled_runs_leave_the_linears_to_inductor(train_data_dir, tmp_path, c
     assert main(args) == 0
     (result,) = tmp_path.glob("runs/*/result.json")
     assert json.loads(result.read_text())["environment"]["compile"] is True
+
+
+def test_compile_mode_reaches_torch_compile_and_the_result(train_data_dir, tmp_path, capsys, monkeypatch):
+    """`--compile-mode` is torch.compile's mode (reduce-overhead: CUDA graphs, for GPU steps bound by launches):
+    the step compiles with it, the result records it, and it is refused without --compile."""
+    from rethink.cli import main
+
+    modes = []
+
+    def fake_compile(model, mode=None, **kw):  # the mode, not inductor's minutes on a CPU, is what is tested
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    base = ["train", "--model", "mlp-1x512", "--epochs", "1", "--train-subset", "256", "--device", "cpu",
+            "--data-dir", str(train_data_dir), "--store", str(tmp_path)]  # fmt: skip
+    assert main([*base, "--compile", "--compile-mode", "reduce-overhead"]) == 0
+    assert modes == ["reduce-overhead"]
+    (result,) = tmp_path.glob("runs/*/result.json")
+    env = json.loads(result.read_text())["environment"]
+    assert env["compile"] is True and env["compile_mode"] == "reduce-overhead"
+    capsys.readouterr()
+    assert main([*base, "--seed", "1", "--compile-mode", "reduce-overhead"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rethink: error: --compile-mode needs --compile"]
+    assert modes == ["reduce-overhead"]  # nothing compiled, nothing trained
+    assert len(list(tmp_path.glob("runs/*/result.json"))) == 1
