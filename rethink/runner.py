@@ -124,7 +124,7 @@ def run_specs(
     outcome = Outcome()
     if not todo:
         return outcome
-    say(f"expected: about {hms(expected_seconds(todo, opts))} for {len(todo)} runs ({expected_basis(opts)})")
+    say(f"expected: about {hms(expected_seconds(todo, opts))} for {len(todo)} runs ({expected_basis(opts, todo)})")
     t0 = time.monotonic()
     if pack > 1:
         tasks = group_packs(todo, pack)
@@ -233,11 +233,12 @@ def expected_seconds(specs: list[RunSpec], opts: ExecOptions) -> float:
     return estimate_seconds(specs, "gpu" if _on_gpu(opts) else "cpu")
 
 
-def expected_basis(opts: ExecOptions) -> str:
-    from rethink.experiments.estimates import SOURCE
+def expected_basis(opts: ExecOptions, specs: list[RunSpec] | None = None) -> str:
+    from rethink.experiments.estimates import source
 
     kind = "gpu" if _on_gpu(opts) else "cpu"
-    return f"every run to its cap at the per-epoch rates of docs/performance.md, {SOURCE[kind]}"
+    models = None if specs is None else {s.model for s in specs}
+    return f"every run to its cap at the per-epoch rates of docs/performance.md, {source(kind, models)}"
 
 
 def _on_gpu(opts: ExecOptions) -> bool:

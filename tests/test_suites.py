@@ -98,3 +98,19 @@ def test_suites_command_lists_every_suite_with_counts(capsys):
     for name in SUITES:
         assert name in out
     assert "not in full" in out and "expressivity" in out and "kernel" in out
+
+
+def test_cost_estimates_say_which_gpu_figures_are_measured():
+    """A GPU estimate names its basis: measured on the H200 for Small Inception and Small AlexNet, a target for
+    the models no GPU has measured, both for a mix; CPU figures are measurements."""
+    from rethink.experiments.estimates import EPOCH_SECONDS, estimate_seconds, source
+    from rethink.experiments.kit import needs
+    from rethink.spec import RunSpec
+
+    assert source("gpu", {"inception", "alexnet"}) == "measured on one H200"
+    assert source("gpu", {"inception-nobn"}) == source("gpu", {"mlp-1x512"}) == "a target for one GPU, not yet measured"
+    assert source("gpu", {"alexnet", "mlp-3x512"}) == source("gpu") == "partly measured on one H200, partly targets not yet measured"
+    mlp, alexnet = RunSpec(model="mlp-1x512", epochs=100), RunSpec(model="alexnet", epochs=100, train_subset=25_000)
+    assert estimate_seconds([alexnet], "gpu") == pytest.approx(EPOCH_SECONDS["gpu"]["alexnet"] * 50)
+    assert needs([mlp]).endswith("(a target for one GPU, not yet measured) or 2 CPU-minutes (measured on a 2-core CPU)")
+    assert "(measured on one H200)" in needs([alexnet])

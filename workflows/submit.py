@@ -160,6 +160,7 @@ def settings_from_args(a: argparse.Namespace) -> rw.Settings:
 
 
 def summary(s: rw.Settings, specs, workflow_dict: dict) -> str:
+    from rethink.experiments.estimates import source
     from rethink.suites import estimate_seconds
 
     size = len(json.dumps(workflow_dict, separators=(",", ":")))
@@ -168,7 +169,7 @@ def summary(s: rw.Settings, specs, workflow_dict: dict) -> str:
     packed = f" (packs of <= {s.pack} runs)" if s.pack > 1 else ""
     pods = f"{n_pods} training pods{packed}, " + ("1 GPU each" if s.uses_gpu else "no GPU requested")
     precision = "bf16" if s.amp else "float32"
-    cost = f"estimated {estimate_seconds(specs, 'gpu') / 3600:.2f} GPU-hours (one H100, {precision}; targets, not yet measured)"
+    cost = f"estimated {estimate_seconds(specs, 'gpu') / 3600:.2f} GPU-hours ({precision}; {source('gpu', {x.model for x in specs})})"
     if not s.uses_gpu:
         cost += f" or {estimate_seconds(specs, 'cpu') / 3600:.2f} CPU-hours (2 cores)"
     fallback = f"; on-demand nodes after {s.on_demand_after} failed attempts" if s.on_demand_after else ""

@@ -144,7 +144,7 @@ def cmd_suites(args) -> int:
         note = "" if suite.in_full or name == "full" else " [not in full]"
         print(f"{name:<14}{len(specs):>6}{gpu:>14.2f}{cpu:>14.2f}  {suite.description}{note}")
     print("\nestimates: every run to its epoch cap (the paper's protocol; --stop-at-acc finishes sooner); "
-          "GPU: one H100, float32 targets until measured; CPU: this project's 2-core machine (docs/performance.md)")
+          "GPU: one H200, float32, measured for Small Inception and Small AlexNet, targets for the rest; CPU: this project's 2-core machine (docs/performance.md)")
     print("not training suites, so not listed (own cost and hardware): `rethink expressivity` (Section 4, CPU, "
           "seconds) and `rethink kernel` (Section 5, a 50k x 50k kernel solve: a large GPU for the full set)")  # fmt: skip
     return 0

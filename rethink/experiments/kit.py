@@ -213,8 +213,8 @@ def data_link(*names: str) -> str:
 
 def needs(specs: list[RunSpec]) -> str:
     """What training `specs` costs, from the catalogue's estimates, each with where its figure comes from:
-    'about 40 GPU-minutes (a target ...) or 3.1 CPU-hours (measured ...)'."""
-    from rethink.experiments.estimates import SOURCE
+    'about 40 GPU-minutes (measured ...) or 3.1 CPU-hours (measured ...)'."""
+    from rethink.experiments.estimates import source
 
     def amount(seconds: float, kind: str) -> str:
         m = max(1, round(seconds / 60))
@@ -223,7 +223,8 @@ def needs(specs: list[RunSpec]) -> str:
         return f"{m} {kind}-minute{'s' if m != 1 else ''}"
 
     gpu, cpu = estimate_seconds(specs, "gpu"), estimate_seconds(specs, "cpu")
-    return f"about {amount(gpu, 'GPU')} ({SOURCE['gpu']}) or {amount(cpu, 'CPU')} ({SOURCE['cpu']})"
+    models = {s.model for s in specs}
+    return f"about {amount(gpu, 'GPU')} ({source('gpu', models)}) or {amount(cpu, 'CPU')} ({source('cpu')})"
 
 
 def md_escape(text: str) -> str:
