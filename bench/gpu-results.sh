@@ -31,6 +31,10 @@ RESUME="${4:-}"
 PACK="${RETHINK_PACK:-8}"
 MARGIN=45  # seconds kept for the export at the end
 if [[ -f .venv/bin/activate ]]; then . .venv/bin/activate; fi
+if ! python -c "import numpy, torch" 2>/dev/null; then  # fail in a second, not after every command has failed
+  echo "$(basename "$0"): $(command -v python || echo 'no python') cannot import torch and numpy: put the Python that holds torch first on PATH" >&2
+  exit 2
+fi
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/log.txt"
 : >"$LOG"

@@ -17,6 +17,10 @@ BUDGET="${BENCH_BUDGET_S:-420}"  # no new measurement starts after this many sec
 mkdir -p "$OUTDIR"
 rm -f "$OUTDIR/bench.jsonl"
 if [[ -f .venv/bin/activate ]]; then . .venv/bin/activate; fi
+if ! python -c "import numpy, torch" 2>/dev/null; then  # fail in a second, not after every command has failed
+  echo "$(basename "$0"): $(command -v python || echo 'no python') cannot import torch and numpy: put the Python that holds torch first on PATH" >&2
+  exit 2
+fi
 RECORDS="$(mktemp -d)"
 : >"$OUTDIR/log.txt"
 START=$(date +%s)
