@@ -63,8 +63,13 @@ def first_reached(metrics: list[dict], threshold: float) -> dict | None:
     return next((m for m in metrics if m["train_acc"] >= threshold), None)
 
 
-def summarize(spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data: dict | str) -> dict:
-    """The result record: final and best accuracies, time to each accuracy and loss threshold, provenance."""
+def summarize(spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data: dict | str,
+              environments: list[dict] | None = None) -> dict:  # fmt: skip
+    """The result record: final and best accuracies, time to each accuracy and loss threshold, provenance.
+
+    `env` is where the run finished; `environments`, where it trained segment by segment (each environment with
+    the step it took over at), is recorded when the run was resumed somewhere else (another machine, thread
+    count or commit): its numbers then come from more than one environment."""
     last = metrics[-1]
     best = max(metrics, key=lambda m: m["test_acc"])
     target_step = target_epoch = None
@@ -104,5 +109,6 @@ def summarize(spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data:
         "synthetic": spec.synthetic,
         "data": data,
         "environment": env,
+        **({"environments": environments} if environments and len(environments) > 1 else {}),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

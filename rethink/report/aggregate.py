@@ -88,6 +88,7 @@ def _environment(results: dict) -> str:
         "rethink",
         "git",
         "threads",
+        "cpu_capability",
         "precision",
         "channels_last",
         "compile",
@@ -97,7 +98,19 @@ def _environment(results: dict) -> str:
         env = json.loads(text)
         rows.append([env.get(k, "") for k in keys] + [len(rs)])
     data = sorted({data_line(r.get("data")) for r in results.values() if r is not None})
-    return md_table(keys + ["runs"], rows) + "\n\nData: " + "; ".join(data) + "\n"
+    text = md_table(keys + ["runs"], rows) + "\n\nData: " + "; ".join(data) + "\n"
+    resumed = [r for r in results.values() if r is not None and len(r.get("environments") or []) > 1]
+    if resumed:  # the table shows where each finished; these trained in more than one environment
+        text += "\nResumed in another environment (the table shows the last):\n\n" + "".join(
+            f"- {r['run_id']}: " + "; then ".join(_segment(e, keys) for e in r["environments"]) + "\n"
+            for r in resumed)  # fmt: skip
+    return text
+
+
+def _segment(env: dict, keys: list[str]) -> str:
+    """One environment a run trained in, from the step it took over at."""
+    what = ", ".join(f"{k} {env[k]}" for k in keys if k in env and k != "device_name")
+    return f"from step {env.get('from_step', 0)}: {env.get('device_name', env.get('device', '?'))} ({what})"
 
 
 def data_line(data) -> str:

@@ -25,11 +25,12 @@ def rng_state(device: torch.device) -> dict:
 
 def checkpoint(spec: RunSpec, device: torch.device, *, epoch: int, batch: int, step: int, model: dict,
                momentum: dict | None, loss_sum: torch.Tensor, grad_sq_sum: torch.Tensor, elapsed: float,
-               metrics: list[dict]) -> dict:  # fmt: skip
+               metrics: list[dict], environments: list[dict] | None = None) -> dict:  # fmt: skip
     """The checkpoint of a run after `batch` batches of epoch `epoch` (0-based), `step` steps in all.
 
     model: the model's state dict; momentum: the optimizer's buffers by parameter name (None before a step);
-    loss_sum, grad_sq_sum: the epoch's running sums; elapsed: seconds spent in the epoch so far.
+    loss_sum, grad_sq_sum: the epoch's running sums; elapsed: seconds spent in the epoch so far;
+    environments: where the run has trained so far (`join_environment`'s segments).
     """
     return {
         "format": CHECKPOINT_FORMAT,
@@ -47,7 +48,25 @@ def checkpoint(spec: RunSpec, device: torch.device, *, epoch: int, batch: int, s
         "device": str(device),
         "threads": torch.get_num_threads(),
         "metrics": json.dumps(metrics),
+        "environments": json.dumps(environments or []),
     }
+
+
+def checkpoint_environments(ckpt: dict) -> list[dict]:
+    """The environments a checkpointed run trained under, oldest first; for a checkpoint written before they
+    were recorded, one segment from step 0 with what it did record (its device and threads)."""
+    if "environments" in ckpt:
+        return json.loads(ckpt["environments"])
+    old = {k: ckpt[k] for k in ("device", "threads") if k in ckpt}
+    return [{"from_step": 0, **old}] if old else []
+
+
+def join_environment(segments: list[dict], env: dict, step: int) -> list[dict]:
+    """`segments` (each an environment and the step it took over at) with `env` taking over at `step`: a new
+    segment only when `env` differs from the last one (a resume on another machine, thread count or commit)."""
+    if segments and {k: v for k, v in segments[-1].items() if k != "from_step"} == env:
+        return segments
+    return [*segments, {"from_step": step, **env}]
 
 
 def checkpoint_position(ckpt: dict, spec: RunSpec, n_batches: int) -> tuple[int, int, int, list[dict]]:

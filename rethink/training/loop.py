@@ -155,10 +155,10 @@ def sgd_step(model, optimizer, x, y, amp: bool, tracked: list | None = None):
 
 
 def finish_run(store: Store, spec: RunSpec, metrics: list[dict], stopped: str, env: dict, data: dict, log,
-               where: str = "", keep_checkpoints: str = "last") -> dict:  # fmt: skip
+               where: str = "", keep_checkpoints: str = "last", environments: list[dict] | None = None) -> dict:  # fmt: skip
     """Write the run's result record (the run is finished from now on), prune its checkpoints, say so; returns
-    the record."""
-    result = summarize(spec, metrics, stopped, env, data)
+    the record. `environments`: where the run trained, segment by segment (recorded when there is more than one)."""
+    result = summarize(spec, metrics, stopped, env, data, environments)
     write_result(store, spec.run_id, result)
     prune_checkpoints(store, spec.run_id, keep_checkpoints)
     log(f"run {spec.run_id} finished ({stopped}){where}: train acc {result['final_train_acc']:.4f}, "

@@ -156,7 +156,20 @@ def environment(device: torch.device) -> dict:
         "rethink": rethink.__version__,
         "git": git_revision(),
         "threads": torch.get_num_threads(),
+        # the vector instructions torch's CPU kernels run on (AVX512, AVX2...): the same model on the same device
+        # name can differ in speed and in the last digits between two VMs that expose different ones
+        **({"cpu_capability": cpu_capability()} if device.type == "cpu" else {}),
     }
+
+
+def cpu_capability() -> str:
+    """The instruction set torch's CPU kernels dispatch to on this machine, e.g. 'AVX512' or 'AVX2'."""
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
 
 
 def prepare_device(device: torch.device) -> None:

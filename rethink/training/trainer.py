@@ -29,7 +29,14 @@ from rethink.store import Store
 from rethink.store.lease import Lease
 from rethink.store.runs import run_dir, run_key, run_state, write_metrics, write_spec
 from rethink.summary import epoch_record, stop_reason
-from rethink.training.checkpoint import checkpoint, checkpoint_position, load_checkpoint, save_checkpoint
+from rethink.training.checkpoint import (
+    checkpoint,
+    checkpoint_environments,
+    checkpoint_position,
+    join_environment,
+    load_checkpoint,
+    save_checkpoint,
+)
 from rethink.training.cpu import use_onednn_linears
 from rethink.training.fast import use_fast_layers
 from rethink.training.loop import (
@@ -43,7 +50,7 @@ from rethink.training.loop import (
     sgd_step,
 )
 from rethink.training.optim import MomentumSGD, make_sgd
-from rethink.training.options import ExecOptions, Execution, prepare_device
+from rethink.training.options import ExecOptions, Execution, cpu_capability, prepare_device
 
 
 def learning_rate(spec: RunSpec, epoch: int) -> float:
@@ -71,6 +78,7 @@ class RunProgress:
     elapsed: float = 0.0  # seconds spent in the current epoch before this process took over
     rng: dict | None = field(default=None, repr=False)  # the dropout RNG to resume mid-epoch with
     rotate: bool = False  # whether the next checkpoint may keep checkpoint.pt as checkpoint.prev.pt
+    environments: list[dict] = field(default_factory=list)  # where it trained so far (checkpoint.join_environment)
 
     @property
     def position(self) -> tuple[int, int]:
@@ -107,7 +115,8 @@ def restore_run(spec: RunSpec, store: Store, build: Callable[[RunSpec], torch.nn
             fresh()  # the failed load may have changed some weights already
             raise
         built["run"] = RunProgress(spec, run.model, run.optimizer, epoch, batch, step, metrics, *sums,
-                                   float(ckpt["elapsed_in_epoch"]), ckpt["rng"])  # fmt: skip
+                                   float(ckpt["elapsed_in_epoch"]), ckpt["rng"],
+                                   environments=checkpoint_environments(ckpt))  # fmt: skip
 
     fresh()
     ckpt, rotate = load_checkpoint(store, spec.run_id, restore, log)
@@ -115,10 +124,17 @@ def restore_run(spec: RunSpec, store: Store, build: Callable[[RunSpec], torch.nn
     run.rotate = rotate
     if ckpt is not None:
         log(f"run {spec.run_id}: resuming at epoch {run.epoch + 1}, batch {run.batch} (step {run.step})")
-        was, now = (ckpt.get("device"), ckpt.get("threads")), (str(device), torch.get_num_threads())
-        if was[0] is not None and was != now:  # kernels (and their sums) differ with either
-            log(f"warning: run {spec.run_id} was checkpointed on {was[0]} (threads={was[1]}) and resumes on {now[0]} "
-                f"(threads={now[1]}): later epochs may differ from an uninterrupted run in the last digits")  # fmt: skip
+        last = run.environments[-1] if run.environments else {}
+        keys = ("device", "threads", "cpu_capability")  # kernels (and their sums) differ with any of them
+        now = {"device": str(device), "threads": torch.get_num_threads(),
+               **({"cpu_capability": cpu_capability()} if device.type == "cpu" else {})}  # fmt: skip
+        changed = [k for k in keys if k in last and k in now and last[k] != now[k]]
+        if changed:
+            def where(e: dict) -> str:
+                return ", ".join(f"{k}={e[k]}" for k in keys if k in e)
+
+            log(f"warning: run {spec.run_id} was checkpointed on {where(last)} and resumes on {where(now)}: later "
+                "epochs may differ from an uninterrupted run in the last digits (its result lists both)")  # fmt: skip
     return run
 
 
@@ -225,6 +241,8 @@ def train_members(runs: list[RunProgress], step: Step, store: Store, data: Cifar
     elapsed = [r.elapsed for r in runs]
     rng = runs[0].rng if batch_start > 0 else None
     results: dict[str, dict] = {}
+    for r in runs:  # this process takes over here: a new segment when it differs from where the run trained before
+        r.environments = join_environment(r.environments, env, r.step)
 
     def what() -> str:
         return f"run {spec0.run_id}" if single else f"pack of {len(runs)}"
@@ -240,7 +258,7 @@ def train_members(runs: list[RunProgress], step: Step, store: Store, data: Cifar
             save_checkpoint(store, r.spec.run_id, checkpoint(
                 r.spec, device, epoch=epoch, batch=batch, step=steps_done, model=model, momentum=momentum,
                 loss_sum=loss_sum[k], grad_sq_sum=grad_sq_sum[k], elapsed=elapsed[k] + seconds,
-                metrics=r.metrics), r.rotate)  # fmt: skip
+                metrics=r.metrics, environments=r.environments), r.rotate)  # fmt: skip
             r.rotate = True  # what we just wrote is good
 
     while runs:
@@ -289,7 +307,8 @@ def train_members(runs: list[RunProgress], step: Step, store: Store, data: Cifar
             stopped = stop_reason(r.spec, rec)
             if stopped != "cap" or epoch == r.spec.epochs:
                 results[r.spec.run_id] = finish_run(store, r.spec, r.metrics, stopped, env, data.provenance(), log,
-                                                    "" if single else " in a pack", opts.keep_checkpoints)  # fmt: skip
+                                                    "" if single else " in a pack", opts.keep_checkpoints,
+                                                    r.environments)  # fmt: skip
             else:
                 keep.append(k)
         batch_start = 0

@@ -216,6 +216,23 @@ def test_report_lists_protocol_and_environment(smoke):
         assert needle in md, needle
 
 
+def test_report_names_runs_resumed_in_another_environment(tmp_path):
+    store = LocalStore(tmp_path)
+    fill(store, "smoke", O1)
+    spec = smoke_spec(O1, "table1:9")
+    key = run_key(spec.run_id, "result.json")
+    result = json.loads(store.read_text(key))
+    avx512 = {**ENV, "cpu_capability": "AVX512"}
+    result["environment"] = {**ENV, "cpu_capability": "AVX2"}
+    result["environments"] = [{"from_step": 0, **avx512}, {"from_step": 6, **result["environment"]}]
+    store.write_text(key, json.dumps(result))
+    aggregate(store, "smoke", O1)
+    md = read(store, "smoke", "report.md")
+    line = next(line for line in md.splitlines() if line.startswith(f"- {spec.run_id}:"))
+    assert "from step 0: x86_64" in line and "AVX512" in line and "then from step 6" in line and "AVX2" in line
+    assert sum(line.startswith("- ") and ": from step" in line for line in md.splitlines()) == 1  # only that run
+
+
 def test_two_seeds_give_mean_and_std(tmp_path):
     store = LocalStore(tmp_path)
     fill(store, "smoke", O2)

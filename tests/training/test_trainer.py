@@ -325,6 +325,44 @@ def test_in_process_resume_matches(spec, data, uninterrupted, crashed_store, wit
     assert without_timing(read_metrics(store, spec.run_id)) == without_timing(uninterrupted)
 
 
+def test_a_run_resumed_where_it_trained_records_one_environment(spec, data, crashed_store):
+    _finish(crashed_store, spec, data)
+    result = read_result(crashed_store, spec.run_id)
+    assert "environments" not in result  # one environment: nothing more to say than `environment`
+    assert result["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_a_run_resumed_elsewhere_records_both_environments_and_warns(spec, data, uninterrupted, crashed_store):
+    """A resume under another thread count (or CPU, or commit) is named in the log and kept in the result:
+    its later epochs come from another environment than its first ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)
+    try:
+        lines = _finish(crashed_store, spec, data)
+    finally:
+        torch.set_num_threads(before)
+    warning = next(line for line in lines if line.startswith("warning:") and "resumes on" in line)
+    assert f"threads={before}" in warning and f"threads={before + 1}" in warning, warning
+    result = read_result(crashed_store, spec.run_id)
+    first, second = result["environments"]
+    assert (first["from_step"], first["threads"]) == (0, before)
+    assert (second["from_step"], second["threads"]) == (uninterrupted[1]["step"], before + 1)  # resumed at epoch 3
+    assert {k: v for k, v in second.items() if k != "from_step"} == result["environment"]
+    assert [m["epoch"] for m in read_metrics(crashed_store, spec.run_id)] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_from_before_environments_were_recorded_still_resumes(spec, data, crashed_store):
+    key = run_key(spec.run_id, "checkpoint.pt")
+    old = torch.load(io.BytesIO(crashed_store.read_bytes(key)), weights_only=True)
+    del old["environments"]
+    crashed_store.write_bytes(key, _checkpoint_bytes(old))
+    lines = _finish(crashed_store, spec, data)
+    assert any("resuming at epoch 3, batch 0" in line for line in lines), lines
+    first, second = read_result(crashed_store, spec.run_id)["environments"]
+    assert first == {"from_step": 0, "device": "cpu", "threads": torch.get_num_threads()}  # all it recorded
+    assert second["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
 BAD_CHECKPOINTS = {
     "truncated": lambda blob, other: blob[: len(blob) // 2],
     "garbage": lambda blob, other: os.urandom(4096),
