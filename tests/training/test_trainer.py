@@ -465,12 +465,3 @@ def test_sigterm_during_setup_stops_at_the_first_step(
     lines = _finish(crashed_store, spec, data)
     assert any("resuming at epoch 3, batch 1" in line for line in lines), lines
     assert without_timing(read_metrics(crashed_store, spec.run_id)) == without_timing(uninterrupted)
-
-
-def test_resuming_with_another_thread_count_warns(spec, data, crashed_store):
-    torch.set_num_threads(2)  # the crash happened with one thread (the module's `one_thread`)
-    try:
-        lines = _finish(crashed_store, spec, data)
-    finally:
-        torch.set_num_threads(1)
-    assert any(line.startswith("warning:") and "(threads=1)" in line for line in lines), lines
