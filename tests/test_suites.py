@@ -112,5 +112,5 @@ def test_cost_estimates_say_which_gpu_figures_are_measured():
     assert source("gpu", {"alexnet", "mlp-3x512"}) == source("gpu") == "partly measured on one H200, partly targets not yet measured"
     mlp, alexnet = RunSpec(model="mlp-1x512", epochs=100), RunSpec(model="alexnet", epochs=100, train_subset=25_000)
     assert estimate_seconds([alexnet], "gpu") == pytest.approx(EPOCH_SECONDS["gpu"]["alexnet"] * 50)
-    assert needs([mlp]).endswith("(a target for one GPU, not yet measured) or 2 CPU-minutes (measured on a 2-core CPU)")
+    assert needs([mlp]).endswith("(a target for one GPU, not yet measured) or 2 CPU-minutes (measured on a 2-core AVX-512 CPU)")
     assert "(measured on one H200)" in needs([alexnet])
