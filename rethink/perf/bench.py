@@ -29,6 +29,7 @@ from rethink.errors import UserError
 from rethink.models import MODELS, build_model
 from rethink.perf.peaks import cpu_name, device_peak
 from rethink.spec import RunSpec
+from rethink.training.options import cpu_capability
 
 EPOCH_TRAIN, EPOCH_EVAL = 50_000, 60_000  # a CIFAR-10 epoch: train on 50k, then evaluate 50k train + 10k test
 
@@ -283,6 +284,7 @@ def bench(model: str, device: str = "auto", pack: int = 1, compile: bool = False
         "pack": pack,
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+        "cpu_capability": cpu_capability() if dev.type == "cpu" else None,  # the CPU kernels' vector instructions
         "torch": torch.__version__,
         "python": platform.python_version(),
         "rethink": rethink.__version__,
@@ -351,7 +353,8 @@ def format_record(r: dict) -> str:
            f"{', fast layers' if r.get('fast_layers') else ''}{', compile' if r['compile'] else ''}, "
            f"eval batch {r.get('eval_batch', '?')}")  # fmt: skip
     lines = [
-        f"{r['model']}, pack {r['pack']}, {r['device']} ({r['device_name']}), torch {r['torch']}, {how}, "
+        f"{r['model']}, pack {r['pack']}, {r['device']} ({r['device_name']}"
+        f"{', ' + r['cpu_capability'] if r.get('cpu_capability') else ''}), torch {r['torch']}, {how}, "
         f"batch {r['batch_size']}",
         f"  train     {r['train_images_per_s']:>12,.0f} img/s  ({r['steps']} steps after {r['warmup']} warm-up)",
         f"  eval      {r['eval_images_per_s']:>12,.0f} img/s",

@@ -166,6 +166,7 @@ def test_bench_json_has_the_documented_fields(bench_records):
     for r in records.values():
         assert set(FIELDS) <= set(r)
         assert r["model"] == "mlp-1x512" and r["device"] == "cpu" and r["steps"] == 2 and r["warmup"] == 1
+        assert r["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # which CPU the numbers are of
         assert (r["flops_per_eval_image"], r["flops_per_train_image"]) == (MLP_EVAL_FLOPS, MLP_TRAIN_FLOPS)
         ips, eps = r["train_images_per_s"], r["eval_images_per_s"]
         # A CIFAR-10 epoch of all K runs: 50k training images, then 50k + 10k evaluated.
