@@ -157,6 +157,10 @@ MUTATIONS = [
              "std.clamp_(min=scale / n**0.5)", "std.clamp_(min=1e-12 * scale)",
              ("tests/data/test_cifar.py", "tests/data/test_properties.py"),
              "per-image standardization without TensorFlow's 1/sqrt(N) guard on the std"),
+    Mutation("resume-forgets-environment", "rethink/training/checkpoint.py",
+             "    return [*segments, {\"from_step\": step, **env}]\n", "    return [{\"from_step\": 0, **env}]\n",
+             ("tests/training/test_trainer.py",),
+             "a run resumed on another machine keeps only the last environment: its result hides the first"),
 ]  # fmt: skip
 
 
