@@ -171,7 +171,7 @@ def test_run_reports_the_suites_progress(tmp_path, one_thread):
     run_specs(specs, str(store), DataSource(str(tmp_path / "data")),
               ExecOptions(device="cpu", progress=False, log=lines.append), progress=False)  # fmt: skip
     expected = [line for line in lines if line.startswith("expected: about ")]
-    assert len(expected) == 1 and "for 2 runs" in expected[0] and "measured on a 2-core CPU" in expected[0]
+    assert len(expected) == 1 and "for 2 runs" in expected[0] and "measured on a 2-core AVX-512 CPU" in expected[0]
     suite = [line for line in lines if line.startswith("suite: ")]
     assert len(suite) == 2
     assert suite[0].startswith("suite: 2 of 3 runs done, ") and "elapsed, about " in suite[0]

@@ -164,7 +164,7 @@ def test_missing_and_failed_runs_are_listed(smoke):
     assert rows[0]["status"].startswith("missing: needs about") and "GPU-minute" in rows[0]["status"]
     # each figure says where it comes from: Small Inception's GPU rate was measured (one H200), the MLPs' are targets
     assert "(measured on one H200)" in rows[0]["status"]
-    assert "CPU-" in rows[0]["status"] and "(measured on a 2-core CPU)" in rows[0]["status"]
+    assert "CPU-" in rows[0]["status"] and "(measured on a 2-core AVX-512 CPU)" in rows[0]["status"]
     assert rows[0]["test_acc"] == "" and rows[0]["train_acc"] == ""
     assert rows[9]["status"] == "failed" and rows[9]["test_acc"] == ""
     md = read(store, "smoke", "report.md")
