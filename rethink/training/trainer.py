@@ -50,7 +50,7 @@ from rethink.training.loop import (
     sgd_step,
 )
 from rethink.training.optim import MomentumSGD, make_sgd
-from rethink.training.options import ExecOptions, Execution, cpu_capability, prepare_device
+from rethink.training.options import ExecOptions, Execution, environment, prepare_device
 
 
 def learning_rate(spec: RunSpec, epoch: int) -> float:
@@ -124,17 +124,13 @@ def restore_run(spec: RunSpec, store: Store, build: Callable[[RunSpec], torch.nn
     run.rotate = rotate
     if ckpt is not None:
         log(f"run {spec.run_id}: resuming at epoch {run.epoch + 1}, batch {run.batch} (step {run.step})")
-        last = run.environments[-1] if run.environments else {}
-        keys = ("device", "threads", "cpu_capability")  # kernels (and their sums) differ with any of them
-        now = {"device": str(device), "threads": torch.get_num_threads(),
-               **({"cpu_capability": cpu_capability()} if device.type == "cpu" else {})}  # fmt: skip
-        changed = [k for k in keys if k in last and k in now and last[k] != now[k]]
-        if changed:
-            def where(e: dict) -> str:
-                return ", ".join(f"{k}={e[k]}" for k in keys if k in e)
-
-            log(f"warning: run {spec.run_id} was checkpointed on {where(last)} and resumes on {where(now)}: later "
-                "epochs may differ from an uninterrupted run in the last digits (its result lists both)")  # fmt: skip
+        last, now = run.environments[-1] if run.environments else {}, environment(device)
+        # what the kernels (and their sums) depend on; a checkpoint from before cpu_capability lacks it
+        keys = [k for k in ("device", "threads", "cpu_capability") if k in last and k in now]
+        if any(last[k] != now[k] for k in keys):
+            log(f"warning: run {spec.run_id} was checkpointed on {', '.join(f'{k}={last[k]}' for k in keys)} and "
+                f"resumes on {', '.join(f'{k}={now[k]}' for k in keys)}: later epochs may differ from an "
+                "uninterrupted run in the last digits (its result lists both)")  # fmt: skip
     return run
 
 
