@@ -52,6 +52,9 @@ def main() -> int:
     print(f"rethink train: {min(ours_s):.2f} / {statistics.median(ours_s):.2f} / {max(ours_s):.2f} s (min / median / "
           f"max); typical pipeline: {min(typical_s):.2f} / {statistics.median(typical_s):.2f} / {max(typical_s):.2f} s; "
           f"ratio (median of pairs): {ratio:.2f}x")  # fmt: skip
+    from rethink.training.options import cpu_capability, cpu_name  # after the timing: torch stays out of it
+
+    print(f"on {cpu_name()}, {cpu_capability()} (docs/performance.md names the CPU of each row)")
     return 0
 
 
