@@ -149,7 +149,7 @@ def test_no_private_name_is_imported_from_another_module():
 
 @pytest.mark.parametrize("module", ["rethink.spec", "rethink.suites", "rethink.store.runs", "rethink.experiments.estimates",
                                     "workflows.builder", "rethink.training.grouping", "rethink.training.defaults",
-                                    "rethink.summary"])  # fmt: skip
+                                    "rethink.summary", "rethink.data.forked", "rethink.data.cifar"])  # fmt: skip
 def test_modules_that_touch_no_tensor_do_not_import_torch(module):
     code = f"import sys, {module}; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')))"
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, cwd=ROOT)

@@ -4,11 +4,11 @@ data, the suite, the run, the execution options), and hands only those down."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import importlib
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 from rethink.cli.options import Data, SuiteRequest, data_of, exec_options, spec_of, suite_of
 from rethink.errors import UserError, is_failure
@@ -110,12 +110,18 @@ def may_be_cpu(device: str) -> bool:
 
 
 def _data_and(data: Data, module: str, name: str, central_crops: bool = False):
-    """The data set, read (torch-free) in a thread while `module` imports torch, and `module.name`;
-    `central_crops`: the thread also makes the float32 crops a CPU run preprocesses from (cifar.CentralCrops)."""
-    with ThreadPoolExecutor(1) as reader:
-        data = reader.submit(data.load, central_crops)
+    """The data set, read (torch-free) in a child process (else a thread: data.forked) while `module` imports
+    torch, and `module.name`; `central_crops`: the reader also makes the float32 crops a CPU run preprocesses
+    from (cifar.CentralCrops)."""
+    from rethink.data import forked
+
+    reader = forked.start(functools.partial(data.read, central_crops))
+    try:
         function = getattr(importlib.import_module(module), name)
-        return data.result(), function
+    except BaseException:
+        reader.cancel()
+        raise
+    return data.loaded(reader.result()), function
 
 
 def _train_pack(suite: SuiteRequest, k: int, index: int, store, data: Data, opts) -> int:

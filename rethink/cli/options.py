@@ -211,11 +211,20 @@ class Data:
 
     def load(self, central_crops: bool = False):
         """The data set (cifar.Cifar10); `central_crops`: with the float32 crops one CPU run preprocesses from."""
+        return self.loaded(self.read(central_crops))
+
+    def read(self, central_crops: bool = False, alloc=None):
+        """`load` without its warning (`loaded` says it): what a loader thread or process runs; `alloc`:
+        where the large arrays go (cifar.Alloc, given by data.forked's child; its md5s are then hashed at once)."""
         from rethink.data.cifar import load_cifar10
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            data = load_cifar10(self.directory(), verify=self.verify, central_crops=central_crops)
+            return load_cifar10(self.directory(), verify=self.verify, central_crops=central_crops, alloc=alloc,
+                                background=alloc is None)  # fmt: skip
+
+    def loaded(self, data):
+        """The data `read` returned, after saying what the user must know about it."""
         if not self.verify and not data.synthetic:
             print(f"warning: md5 checksums of {data.path} not verified (--no-verify-data)", file=sys.stderr)
         return data

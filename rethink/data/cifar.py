@@ -16,6 +16,7 @@ import os
 import pickle
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,15 +47,21 @@ SYNTHETIC_KEY = b"rethink_synthetic"
 URL_ENV = "RETHINK_CIFAR10_URL"  # a mirror of the official archive, e.g. inside an air-gapped network
 
 
+# Where the loader puts its large arrays: (shape, dtype) -> a writable, C-contiguous, uninitialized array.
+# data.forked passes one that places them in memory shared with the parent process.
+Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
+
 class CentralCrops:
     """The central 28x28 windows of a data set's images as contiguous float32 on the 0..255 scale (exact: the
-    uint8 values), made by `load_cifar10(..., central_crops=True)` in the thread that reads the files, while the
-    main thread imports torch (numpy's casts release the GIL). Allocating and filling those 564 MB is most of
+    uint8 values), made by `load_cifar10(..., central_crops=True)` in the reader (a child process, data.forked; else
+    a thread), while the main thread imports torch. Allocating and filling those 564 MB is most of
     what preprocessing costs on the CPU, and off the critical path here. The one run they were made for takes
     them (`take`), standardizes them in place and trains on them; nobody else sees them."""
 
-    def __init__(self, train_x: np.ndarray, test_x: np.ndarray):
-        self._arrays: tuple[np.ndarray, np.ndarray] | None = (central_crop_float(train_x), central_crop_float(test_x))
+    def __init__(self, train_x: np.ndarray, test_x: np.ndarray, alloc: Alloc | None = None):
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = (central_crop_float(train_x, alloc),
+                                                              central_crop_float(test_x, alloc))  # fmt: skip
 
     def take(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(train, test) crops the first time, None after: the caller owns them and may change them in place."""
@@ -62,10 +69,12 @@ class CentralCrops:
         return arrays
 
 
-def central_crop_float(x: np.ndarray) -> np.ndarray:
-    """[N, 3, 32, 32] uint8 images -> their central 28x28 windows, contiguous float32 (values 0..255)."""
+def central_crop_float(x: np.ndarray, alloc: Alloc | None = None) -> np.ndarray:
+    """[N, 3, 32, 32] uint8 images -> their central 28x28 windows, contiguous float32 (values 0..255), in memory
+    from `alloc` (default: fresh prefaulted anonymous memory)."""
     window = slice(BORDER, BORDER + CROP)
-    out = _prefaulted_float32((x.shape[0], x.shape[1], CROP, CROP))
+    shape = (x.shape[0], x.shape[1], CROP, CROP)
+    out = alloc(shape, np.dtype(np.float32)) if alloc is not None else _prefaulted_float32(shape)
     np.copyto(out, x[:, :, window, window])
     return out
 
@@ -137,20 +146,30 @@ class Cifar10:
 
 class _Digests:
     """The md5 of each file's bytes, computed in a background thread: a run does not wait for its provenance
-    (0.25 s for CIFAR-10) unless it verifies the files before using them. hashlib releases the GIL."""
+    (0.25 s for CIFAR-10) unless it verifies the files before using them. hashlib releases the GIL.
+    `background=False` hashes at once (a loader in a child process has no one to overlap with). Pickled, it
+    is the finished digests."""
 
-    def __init__(self, blobs: dict[str, bytes]):
+    def __init__(self, blobs: dict[str, bytes], background: bool = True):
         self._md5: dict[str, str] = {}
-        self._thread = threading.Thread(target=self._hash, args=(dict(blobs),), daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._hash, args=(dict(blobs),), daemon=True)
+            self._thread.start()
+        else:
+            self._hash(blobs)
 
     def _hash(self, blobs: dict[str, bytes]) -> None:
         for name in sorted(blobs):
             self._md5[name] = hashlib.md5(blobs[name]).hexdigest()
 
     def get(self) -> dict[str, str]:
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         return dict(self._md5)
+
+    def __getstate__(self) -> dict:
+        return {"_md5": self.get(), "_thread": None}
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -270,10 +289,12 @@ def download_archive(data_dir: Path) -> None:
 
 
 def load_cifar10(data_dir: str | os.PathLike, verify: bool = True, download: bool = True,
-                 central_crops: bool = False) -> Cifar10:  # fmt: skip
+                 central_crops: bool = False, alloc: Alloc | None = None, background: bool = True) -> Cifar10:  # fmt: skip
     """Read CIFAR-10 (or a synthetic set) from `<data_dir>/cifar-10-batches-py/`, verifying md5s by default.
 
-    `central_crops`: also make the float32 central crops one CPU run preprocesses from (CentralCrops)."""
+    `central_crops`: also make the float32 central crops one CPU run preprocesses from (CentralCrops).
+    `alloc`: where the images and crops go (default: numpy's memory); `background`: hash the files in a thread
+    (False: before returning)."""
     data_dir = Path(data_dir)
     root = data_dir / DIRNAME
     if not root.is_dir():
@@ -290,7 +311,7 @@ def load_cifar10(data_dir: str | os.PathLike, verify: bool = True, download: boo
         warnings.warn(f"not verifying md5 checksums of {root} (--no-verify-data)", stacklevel=2)
     # Each file is read once; its md5 comes from the bytes read (checked before unpickling, recorded always).
     blobs = {name: _read(root / name) for name in (*TRAIN_FILES, TEST_FILE)}
-    digests = _Digests({**blobs, META_FILE: meta_blob})
+    digests = _Digests({**blobs, META_FILE: meta_blob}, background)
     if not synthetic:
         if verify:
             md5 = digests.get()
@@ -302,7 +323,12 @@ def load_cifar10(data_dir: str | os.PathLike, verify: bool = True, download: boo
                     )
     train = [_batch_arrays(root / name, blobs.pop(name)) for name in TRAIN_FILES]
     test_x, test_y = _batch_arrays(root / TEST_FILE, blobs.pop(TEST_FILE))
-    train_x = np.concatenate([x for x, _ in train])
+    if alloc is None:
+        train_x = np.concatenate([x for x, _ in train])
+    else:
+        train_x = np.concatenate([x for x, _ in train], out=alloc((sum(len(x) for x, _ in train), *test_x.shape[1:]),
+                                                                  test_x.dtype))  # fmt: skip
+        test_x = _copy_into(alloc, test_x)
     return Cifar10(
         train_x=train_x,
         train_y=np.concatenate([y for _, y in train]),
@@ -312,7 +338,13 @@ def load_cifar10(data_dir: str | os.PathLike, verify: bool = True, download: boo
         identity=_synthetic_identity(meta) if synthetic else "cifar10",
         path=str(root),
         digests=digests,
-        crops=CentralCrops(train_x, test_x) if central_crops else None,
+        crops=CentralCrops(train_x, test_x, alloc) if central_crops else None,
     )
+
+
+def _copy_into(alloc: Alloc, x: np.ndarray) -> np.ndarray:
+    out = alloc(x.shape, x.dtype)
+    np.copyto(out, x)
+    return out
 
 
