@@ -130,3 +130,17 @@ def test_rethink_train_on_the_child_s_data_trains_as_on_the_thread_s(rethink_cmd
 
     child, thread = metrics(tmp_path / "child"), metrics(tmp_path / "thread")
     assert len(child) == 2 and without_timing(child) == without_timing(thread)
+
+
+def test_a_child_that_dies_without_a_word_is_replaced_by_a_read_here():
+    code = (
+        "import os, signal, sys, time, json\n"
+        "from rethink.data import forked\n"
+        "reader = forked.start(lambda alloc: 'read here' if alloc is None else time.sleep(60))\n"
+        "os.kill(reader.pid, signal.SIGKILL)\n"
+        "print(json.dumps({'kind': type(reader).__name__, 'result': reader.result()}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"kind": "ChildLoad", "result": "read here"}
+    assert "the data loader process ended without a result (signal 9); reading the data here" in out.stderr
