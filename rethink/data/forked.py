@@ -98,10 +98,19 @@ class ChildLoad:
 
     def __init__(self, load: Callable[..., object]):
         self.fd = os.memfd_create("rethink-data", getattr(os, "MFD_CLOEXEC", 0))
-        read, write = os.pipe()
+        try:
+            read, write = os.pipe()
+        except OSError:
+            os.close(self.fd)
+            raise
         for stream in (sys.stdout, sys.stderr):  # else the child's copy of a buffered line is printed twice
             stream.flush()
-        self.pid = os.fork()
+        try:
+            self.pid = os.fork()
+        except OSError:
+            for fd in (self.fd, read, write):
+                os.close(fd)
+            raise
         if self.pid == 0:  # the child: never returns
             os.close(read)
             _child(load, _Arena(self.fd), write)
@@ -177,7 +186,10 @@ def start(load: Callable[..., object]):
     """Begin `load(alloc)` (alloc: cifar.Alloc, or None) in a child process where `available()`, else in a thread.
     Returns an object with `result()` and `cancel()`."""
     if available():
-        return ChildLoad(load)
+        try:
+            return ChildLoad(load)
+        except OSError:  # memfd_create refused (a sandbox's seccomp profile) or no process to be had: a thread
+            pass
     return _ThreadLoad(load)
 
 

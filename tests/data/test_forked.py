@@ -144,3 +144,20 @@ def test_a_child_that_dies_without_a_word_is_replaced_by_a_read_here():
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"kind": "ChildLoad", "result": "read here"}
     assert "the data loader process ended without a result (signal 9); reading the data here" in out.stderr
+
+
+def test_where_no_memory_file_can_be_made_the_reader_is_a_thread():
+    """A sandbox may refuse memfd_create (seccomp): the run still reads its data, in a thread."""
+    code = (
+        "import os, json\n"
+        "from rethink.data import forked\n"
+        "def refuse(*a, **k):\n"
+        "    raise PermissionError(1, 'Operation not permitted')\n"
+        "os.memfd_create = refuse\n"
+        "reader = forked.start(lambda alloc: 'thread' if alloc is None else 'child')\n"
+        "print(json.dumps({'kind': type(reader).__name__, 'result': reader.result()}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["kind"] != "ChildLoad" and got["result"] == "thread"
