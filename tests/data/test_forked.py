@@ -101,6 +101,9 @@ def test_with_torch_imported_the_reader_is_a_thread_with_the_same_result(synth_d
 
 
 def test_a_thread_reader_raises_the_loader_s_error(synth_dir):
+    import torch  # noqa: F401 - the thread reader, as in any process that has imported torch
+
+    assert not forked.available()
     (synth_dir / DIRNAME / "test_batch").unlink()
     reader = forked.start(lambda alloc: Data(synth_dir, verify=False).read(False, alloc))
     try:
