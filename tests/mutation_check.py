@@ -161,6 +161,10 @@ MUTATIONS = [
              "    return [*segments, {\"from_step\": step, **env}]\n", "    return [{\"from_step\": 0, **env}]\n",
              ("tests/training/test_trainer.py",),
              "a run resumed on another machine keeps only the last environment: its result hides the first"),
+    Mutation("forked-arrays-overlap", "rethink/data/forked.py",
+             "        offset = self.size\n", "        offset = 0\n",
+             ("tests/data/test_forked.py",),
+             "the child puts every array at the start of the shared memory file: the parent's arrays overlap"),
 ]  # fmt: skip
 
 

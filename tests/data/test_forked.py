@@ -48,6 +48,7 @@ def test_a_child_process_reads_what_the_loader_reads(synth_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["reader"] == "ChildLoad" and got["torch"] is False  # the child path, not the thread fallback
+    assert "ended without a result" not in out.stderr  # ... and the child's own result, not a read in the parent
     assert got["writable"] is True
     ref = load_cifar10(synth_dir, download=False, central_crops=True)
     ref_crops = ref.crops.take()
