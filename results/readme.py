@@ -9,6 +9,8 @@ import re
 import sys
 from pathlib import Path
 
+from rethink.paper import DISPLAY, MODELS
+
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -49,7 +51,14 @@ def provenance() -> str:
             f"{', '.join(torch)}, code at {', '.join(revs)}.")  # fmt: skip
 
 
+def fig1bc_models() -> str:
+    """The models Figure 1b/1c draw so far, in the paper's order (read from fig1b.csv, not assumed)."""
+    drawn = {r["model"] for r in csv.DictReader((HERE / "reports" / "fig1bc" / "fig1b.csv").open())}
+    return ", ".join(DISPLAY[m] for m in MODELS if m in drawn)
+
+
 def block() -> str:
+    models = fig1bc_models()
     return "\n".join([
         START,
         provenance(),
@@ -59,7 +68,7 @@ def block() -> str:
         "",
         *table1(),
         "",
-        "| the quickstart on real CIFAR-10 | Figure 1b: time to overfit (MLP 1x512) | Figure 1c: test error (MLP 1x512) |",
+        f"| the quickstart on real CIFAR-10 | Figure 1b: time to overfit ({models}) | Figure 1c: test error ({models}) |",
         "|---|---|---|",
         "| ![quickstart](results/reports/quickstart/quickstart.png) | ![fig1b](results/reports/fig1bc/fig1b.png) | "
         "![fig1c](results/reports/fig1bc/fig1c.png) |",
