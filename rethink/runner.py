@@ -189,7 +189,7 @@ def run_specs(
     else:
         import multiprocessing as mp
 
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        threads = threads_per_job(jobs)
         worker_opts = ExecOptions(**{**opts.__dict__, "log": _quiet, "progress": False})
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = {
@@ -214,6 +214,19 @@ def run_specs(
         say(f"time budget spent: {len(outcome.trained)} runs finished in this call, {len(outcome.partial)} "
             f"checkpointed mid-run, {len(outcome.not_started)} not started; run the same command again to go on")
     return outcome
+
+
+def threads_per_job(jobs: int) -> int:
+    """Torch threads for each of `jobs` worker processes: the CPUs this process may run on, shared out.
+
+    Counted from the affinity mask where there is one (taskset, a container's cpuset), not the machine's
+    count: a pod given 4 of a host's 64 CPUs would otherwise start 32 threads per job.
+    """
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity mask
+        usable = os.cpu_count() or 1
+    return max(1, usable // jobs)
 
 
 def hms(seconds: float) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from rethink import runner
 from rethink.data.cifar import dataset_identity
 from rethink.data.synthetic import write_synthetic
-from rethink.runner import DataSource, run_specs, run_state
+from rethink.runner import DataSource, run_specs, run_state, threads_per_job
 from rethink.spec import RunSpec
 from rethink.store import LocalStore
 from rethink.store.runs import read_metrics, run_key
@@ -191,3 +193,13 @@ def test_a_bad_time_budget_is_refused(text, capsys):
         main(["run", "--suite", "smoke", "--time-budget", text])
     err = capsys.readouterr().err
     assert e.value.code == 2 and ("expected a duration" in err or "must be positive" in err), err
+
+
+def test_jobs_share_the_cpus_this_process_may_use_not_the_machines(monkeypatch):
+    # A container given 4 of a host's 64 CPUs: two jobs get 2 threads each, not 32.
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert threads_per_job(2) == 2
+    assert threads_per_job(8) == 1  # never zero
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # no affinity mask (macOS): the machine's count
+    assert threads_per_job(2) == 32

@@ -122,7 +122,10 @@ def _plan(sub) -> None:
 def _run(sub) -> None:
     p = subcommand(sub, "run", "train every unfinished run of a suite, then aggregate its report")
     add_suite_options(p)
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process with an equal share of the CPUs this "
+                   "process may use as its torch threads (on a CPU, two one-thread jobs give more run-epochs per "
+                   "hour than one two-thread run: docs/performance.md)")  # fmt: skip
     p.add_argument("--no-aggregate", action="store_true", help="skip rendering the report at the end")
     p.add_argument("--time-budget", type=duration, default=None, metavar="DURATION",
                    help="e.g. 9m or 1h30m: start no run after it; at it, checkpoint the running ones and exit "
