@@ -54,8 +54,8 @@ def process_main() -> int:
 def quick_exit(code: int) -> None:
     """End the process now, skipping the interpreter's teardown, where nothing can be lost by it.
 
-    After the atexit handlers, Python tears every module and object down one by one (0.3-0.4 s once torch is
-    imported: a thirtieth of a 3-epoch MLP run on the CPU, docs/performance.md) before the process ends, and the
+    After the atexit handlers, Python tears every module and object down one by one (0.3-0.4 s on a busy core
+    once torch is imported, docs/performance.md; end to end within the VM's run-to-run spread) before the process ends, and the
     OS frees all of it at once anyway. Here the atexit handlers run (tqdm, logging, multiprocessing's), stdout
     and stderr are flushed, then the process exits with `code`. Returns instead (the normal exit follows) while a
     non-daemon thread still runs: Python waits for those, and so does this.
